@@ -1,0 +1,88 @@
+"""Tiny random source models and an offline byte tokenizer, built in code for the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 256
+
+
+def byte_alphabet() -> list[str]:
+    """GPT-2's byte -> printable character map, listed in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def byte_tokenizer(model_max_length: int = 4096) -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte, id == byte value; built offline."""
+    vocab = {ch: i for i, ch in enumerate(byte_alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=model_max_length, bos_token="\x01", eos_token="\x02", pad_token="\x00"
+    )
+
+
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+
+def tiny_config(kind: str):
+    """Configs of the supported families: llama-mha, llama-gqa, llama3 (RoPE scaling), qwen2, mistral."""
+    if kind == "llama-mha":
+        return LlamaConfig(**COMMON, num_key_value_heads=4)
+    if kind == "llama-gqa":
+        return LlamaConfig(**COMMON, num_key_value_heads=2, rope_theta=500.0)
+    if kind == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+        return LlamaConfig(**COMMON, num_key_value_heads=2, rope_parameters=rope)
+    if kind == "qwen2":
+        return Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True)
+    if kind == "mistral":
+        return MistralConfig(**COMMON, num_key_value_heads=1, sliding_window=None)
+    raise ValueError(kind)
+
+
+def tiny_model(kind: str, seed: int = 0):
+    """A random model; Qwen2's attention biases are made nonzero so that their handling is tested."""
+    torch.manual_seed(seed)
+    config = tiny_config(kind)
+    cls = {"qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM}.get(kind, LlamaForCausalLM)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    return model
+
+
+def save_source(kind: str, folder: Path, seed: int = 0, **save_kwargs):
+    """Save a tiny model with its tokenizer as a Hugging Face folder; returns the model."""
+    model = tiny_model(kind, seed)
+    model.save_pretrained(folder, **save_kwargs)
+    byte_tokenizer().save_pretrained(folder)
+    return model

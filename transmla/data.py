@@ -1,0 +1,108 @@
+"""Evaluation and calibration text: loading it and cutting it into token windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import TransMLAError
+
+KNOWN_DATASETS = ("wikitext2", "c4")
+C4_CHARS = 2_000_000  # characters of C4 to stream: a few hundred 2048-token windows
+
+
+def load_text(text_file: Path | str | None = None, dataset: str | None = None, split: str = "test") -> str:
+    """Text from a local UTF-8 file, or from a named hub dataset (`wikitext2`, `c4`)."""
+    if (text_file is None) == (dataset is None):
+        raise TransMLAError("give exactly one text source: a text file (--text-file) or a dataset name (--dataset)")
+    if text_file is not None:
+        path = Path(text_file)
+        if not path.is_file():
+            raise TransMLAError(f"text file not found: {path}; pass the path of an existing UTF-8 text file")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise TransMLAError(f"text file {path} is not UTF-8 ({err}); convert it to UTF-8") from err
+
+    name = dataset.lower()
+    if name not in KNOWN_DATASETS:
+        raise TransMLAError(f"unknown dataset {dataset!r}; known: {', '.join(KNOWN_DATASETS)}, or pass --text-file")
+    try:
+        from datasets import load_dataset
+
+        if name == "wikitext2":
+            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+            return "\n\n".join(rows["text"])
+        return _load_c4(load_dataset, split)
+    except TransMLAError:
+        raise
+    except Exception as err:  # network, hub or cache failures
+        raise TransMLAError(
+            f"could not load dataset {dataset!r} (split {split!r}): {type(err).__name__}: {err}; "
+            "for offline use pass a local file with --text-file"
+        ) from err
+
+
+def _load_c4(load_dataset: Any, split: str) -> str:
+    """Stream the first C4 (en) documents of a split until about C4_CHARS characters."""
+    c4_split = {"test": "validation", "validation": "validation", "train": "train"}.get(split)
+    if c4_split is None:
+        raise TransMLAError(f"c4 has no split {split!r}; use test (= validation), validation or train")
+    texts, total = [], 0
+    for row in load_dataset("allenai/c4", "en", split=c4_split, streaming=True):
+        texts.append(row["text"])
+        total += len(row["text"])
+        if total >= C4_CHARS:
+            break
+    return "\n\n".join(texts)
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.LongTensor:
+    """Token ids of the whole text, without special tokens, as one 1-D tensor.
+
+    The text is tokenised in one call (so the stream matches the usual perplexity harness exactly, with no
+    artefacts at chunk boundaries); `verbose=False` silences the tokenizer's max-length warning.
+    """
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_windows(tokenizer: Any, text: str, seq_len: int, max_windows: int | None = None) -> torch.LongTensor:
+    """Consecutive non-overlapping windows [N, seq_len] of the token stream (tail dropped), the first `max_windows`."""
+    return _split(tokenize(tokenizer, text), seq_len, max_windows)
+
+
+def _split(ids: torch.LongTensor, seq_len: int, max_windows: int | None = None) -> torch.LongTensor:
+    if seq_len < 2:
+        raise TransMLAError(f"sequence length {seq_len} is too short; use at least 2 tokens")
+    count = ids.numel() // seq_len
+    if count == 0:
+        raise TransMLAError(
+            f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
+            "use a longer text or a shorter sequence length"
+        )
+    if max_windows is not None:
+        if max_windows < 1:
+            raise TransMLAError(f"max windows must be at least 1, got {max_windows}")
+        count = min(count, max_windows)
+    return ids[: count * seq_len].view(count, seq_len).clone()
+
+
+def calibration_windows(
+    tokenizer: Any, text: str, seq_len: int, num_samples: int, seed: int = 0
+) -> torch.LongTensor:
+    """`num_samples` windows [num_samples, seq_len] drawn with a seeded generator.
+
+    Distinct non-overlapping windows when the text holds enough of them, random (possibly overlapping) starts otherwise.
+    """
+    if num_samples < 1:
+        raise TransMLAError(f"number of calibration samples must be at least 1, got {num_samples}")
+    ids = tokenize(tokenizer, text)
+    grid = _split(ids, seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    if num_samples <= grid.shape[0]:
+        return grid[torch.randperm(grid.shape[0], generator=generator)[:num_samples]].clone()
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=generator)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,5 @@
+"""The one exception type that the command line turns into a one-line error."""
+
+
+class TransMLAError(Exception):
+    """A problem with the user's input or environment, with a message that names the fix."""

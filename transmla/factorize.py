@@ -1,0 +1,60 @@
+r"""Joint low-rank factorisation of the position-free keys and the values into one latent.
+
+After `rope` has split off the rotary key, each layer has a position-free key z = W_z x (G*d - D values:
+the components that lost their rotation, each shared by all heads) and the values v = W_v x (G*d values).
+MLA caches one latent c = W_down x of R values and recovers both from it:
+
+    [z; v] ~= A c,   A = [A_z; A_v].
+
+With B = [a W_z; W_v] (the key rows scaled by a, so that keys and values weigh alike: TransMLA's balanced
+KV), the best rank-R approximation of B x over isotropic inputs is the truncated SVD B = U S V^T:
+W_down = U_R^T B and A = diag(1/a, 1) U_R. At R = rank(B) the reconstruction is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TransMLAError
+
+
+@dataclass
+class LatentFactors:
+    """W_down [R, hidden], A_z [G*d - D, R], A_v [G*d, R]."""
+
+    down: torch.Tensor
+    up_key: torch.Tensor
+    up_value: torch.Tensor
+
+
+def max_latent_rank(hidden_size: int, key_rows: int, value_rows: int) -> int:
+    """The largest useful latent width: the rank of [W_z; W_v] can not exceed either side."""
+    return min(hidden_size, key_rows + value_rows)
+
+
+def balance_scale(key: torch.Tensor, value: torch.Tensor) -> float:
+    """a such that a W_z and W_v have the same Frobenius norm (1 if either is empty or zero)."""
+    kn, vn = float(key.norm()), float(value.norm())
+    return vn / kn if kn > 0 and vn > 0 else 1.0
+
+
+def svd_latent(key: torch.Tensor, value: torch.Tensor, rank: int, key_scale: float | None = None) -> LatentFactors:
+    """Truncated SVD of the balanced stack [a W_z; W_v] (float64)."""
+    key, value = key.double(), value.double()
+    limit = max_latent_rank(key.shape[1], key.shape[0], value.shape[0])
+    if not 1 <= rank <= limit:
+        raise TransMLAError(f"--kv-lora-rank {rank} is out of range: this layer allows 1..{limit}")
+    a = balance_scale(key, value) if key_scale is None else key_scale
+    stacked = torch.cat([a * key, value])
+    u, _, _ = torch.linalg.svd(stacked, full_matrices=False)
+    u = fix_signs(u[:, :rank])
+    down = u.T @ stacked
+    return LatentFactors(down=down, up_key=u[: key.shape[0]] / a, up_value=u[key.shape[0] :])
+
+
+def fix_signs(u: torch.Tensor) -> torch.Tensor:
+    """Deterministic SVD signs: the largest-magnitude entry of every column is positive."""
+    idx = u.abs().argmax(0, keepdim=True)
+    return u * torch.sign(torch.gather(u, 0, idx))

@@ -1,0 +1,127 @@
+r"""One attention layer from grouped-query form to latent form (the weight layout of docs/format.md).
+
+Given the RoPE plan (`rope`) and the latent factors (`factorize`):
+
+* q_rope of head h, slot p = (i, j): U_i[j, g(h)] times the query rows of frequency i (both pair dims), eq. (1)
+  of `rope`; q_nope of head h is the source query itself, unrotated.
+* k_rope, slot p: the mixed key rows k'_ij = sum_g U_i[j, g] k_g^i.
+* k_nope of group g, dims of frequency i: sum over dropped j of U_i[j, g] k'_ij, i.e. the dropped components
+  mapped back to head g (the map E_g below), read from the latent: W_UK_g = E_g A_z.
+* v of group g: W_UV_g = the rows of A_v for head g.
+
+Biases (Qwen2) stay exact: the rotary key's bias is rotated with it, so it stays in k_rope; the bias of the
+position-free key adds q . b to every score of a query, which softmax ignores, so it is dropped; the value bias
+passes through the attention average unchanged (the weights sum to one) and becomes o_proj's bias,
+W_o b_v. If the source scales cos and sin by s (YaRN), the rotary part of a score carries s^2, so q_nope is
+scaled by s^2 as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .factorize import LatentFactors
+from .rope import RopePlan, pair_blocks
+
+
+@dataclass
+class SourceAttention:
+    """A grouped-query attention layer: q [H*d, h], k and v [G*d, h], o [h, H*d], optional biases."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    heads: int
+    groups: int
+    head_dim: int
+
+    def double(self) -> "SourceAttention":
+        cast = lambda t: None if t is None else t.double()  # noqa: E731
+        return SourceAttention(
+            cast(self.q), cast(self.k), cast(self.v), cast(self.o),
+            cast(self.q_bias), cast(self.k_bias), cast(self.v_bias),
+            self.heads, self.groups, self.head_dim,
+        )
+
+    @property
+    def group_of_head(self) -> torch.Tensor:
+        return torch.arange(self.heads) // (self.heads // self.groups)
+
+
+@dataclass
+class RotarySplit:
+    """The rotary parts and the position-free key rows W_z of one layer."""
+
+    q_rope: torch.Tensor  # [H, D, h]
+    q_rope_bias: torch.Tensor | None  # [H, D]
+    k_rope: torch.Tensor  # [D, h]
+    k_rope_bias: torch.Tensor | None  # [D]
+    key_nope: torch.Tensor  # [G*d - D, h]: rows (i, j, pair dim) of the dropped components
+    nope_to_heads: torch.Tensor  # [G, d, G*d - D]: E_g
+
+
+def rotary_split(src: SourceAttention, plan: RopePlan) -> RotarySplit:
+    """Split queries and keys into the shared rotary key, its per-head queries and the position-free key."""
+    d, half = src.head_dim, src.head_dim // 2
+    u = plan.rotations.to(src.k.dtype)  # [d/2, G(j), G(g)]
+    mixed_k = torch.einsum("ijg,imgh->imjh", u, pair_blocks(src.k, src.groups, d))  # [d/2, 2, G(j), h]
+    q_blocks = pair_blocks(src.q, src.heads, d)  # [d/2, 2, H, h]
+    u_head = u[:, :, src.group_of_head]  # [d/2, G(j), H]
+
+    kept = plan.kept
+    k_rope = torch.cat([torch.stack([mixed_k[i, m, j] for i, j in kept]) for m in (0, 1)])
+    q_rope = torch.cat(
+        [torch.stack([u_head[i, j, :, None] * q_blocks[i, m] for i, j in kept], dim=1) for m in (0, 1)], dim=1
+    )
+    k_rope_bias = q_rope_bias = None
+    if src.k_bias is not None:
+        mixed_kb = torch.einsum("ijg,img->imj", u, pair_blocks(src.k_bias, src.groups, d))
+        k_rope_bias = torch.cat([torch.stack([mixed_kb[i, m, j] for i, j in kept]) for m in (0, 1)])
+    if src.q_bias is not None:
+        qb = pair_blocks(src.q_bias, src.heads, d)  # [d/2, 2, H]
+        q_rope_bias = torch.cat(
+            [torch.stack([u_head[i, j] * qb[i, m] for i, j in kept], dim=1) for m in (0, 1)], dim=1
+        )
+
+    dropped = plan.dropped()
+    rows = [(i, j, m) for i, j in dropped for m in (0, 1)]
+    hidden = src.k.shape[1]
+    key_nope = torch.stack([mixed_k[i, m, j] for i, j, m in rows]) if rows else src.k.new_zeros(0, hidden)
+    nope_to_heads = src.k.new_zeros(src.groups, d, len(rows))
+    for col, (i, j, m) in enumerate(rows):
+        nope_to_heads[:, m * half + i, col] = u[i, j]
+    return RotarySplit(q_rope, q_rope_bias, k_rope, k_rope_bias, key_nope, nope_to_heads)
+
+
+def assemble_layer(
+    src: SourceAttention, split: RotarySplit, latent: LatentFactors, attention_scaling: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """The converted layer's tensors, named as in docs/format.md (without the layer prefix)."""
+    h, d, heads, groups = src.q.shape[1], src.head_dim, src.heads, src.groups
+    rope_dim, rank = split.k_rope.shape[0], latent.down.shape[0]
+    nope_scale = attention_scaling**2
+    q_nope = (nope_scale * src.q).view(heads, d, h)
+    out: dict[str, torch.Tensor] = {
+        "q_proj.weight": torch.cat([q_nope, split.q_rope], dim=1).reshape(heads * (d + rope_dim), h),
+        "kv_a_proj.weight": torch.cat([latent.down, split.k_rope]),
+    }
+    up_key = torch.einsum("gdz,zr->gdr", split.nope_to_heads, latent.up_key)  # W_UK_g = E_g A_z
+    up_value = latent.up_value.view(groups, d, rank)
+    out["kv_b_proj.weight"] = torch.cat([up_key, up_value], dim=1).reshape(groups * 2 * d, rank)
+    out["o_proj.weight"] = src.o
+    if src.q_bias is not None or src.k_bias is not None:
+        q_bias = src.q_bias if src.q_bias is not None else src.q.new_zeros(heads * d)
+        q_rope_bias = split.q_rope_bias if split.q_rope_bias is not None else src.q.new_zeros(heads, rope_dim)
+        out["q_proj.bias"] = torch.cat([nope_scale * q_bias.view(heads, d), q_rope_bias], dim=1).reshape(-1)
+        k_rope_bias = split.k_rope_bias if split.k_rope_bias is not None else src.q.new_zeros(rope_dim)
+        out["kv_a_proj.bias"] = torch.cat([src.q.new_zeros(rank), k_rope_bias])
+    if src.v_bias is not None:
+        per_head = src.v_bias.view(groups, d)[src.group_of_head].reshape(-1)
+        out["o_proj.bias"] = src.o @ per_head
+    return out

@@ -1,0 +1,405 @@
+"""Absorbed MLA decode attention: a Triton split-K kernel and its PyTorch reference.
+
+This file is self-contained (it imports only torch, and triton when present) because it is copied into every
+converted checkpoint folder next to ``modeling_transmla.py``.
+
+In the absorbed form every query head attends directly over the cached latent ``c`` (width R) and the shared
+rotated RoPE key (width D)::
+
+    score_h(i, s) = scale * (q_lat_h(i) . c(s) + q_rope_h(i) . k_rope(s))
+    o_lat_h(i)    = sum_s softmax_s(score_h(i, .)) c(s)
+
+The Q query positions are the last Q of the T cached positions; query i sees keys 0 .. T - Q + i, further
+restricted by ``key_mask``. A query row that may see no key at all returns zeros (never NaN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+try:  # triton is optional: without it (or without CUDA) everything runs through the reference
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+__all__ = ["mla_decode_attention", "mla_decode_reference", "triton_available"]
+
+_LOG2E = 1.4426950408889634
+_MAX_TRITON_Q = 16
+_MAX_TRITON_R = 512
+_MAX_TRITON_D = 256
+
+
+def triton_available() -> bool:
+    """True when the Triton kernel can run here (triton importable and a CUDA device present)."""
+    return _HAS_TRITON and torch.cuda.is_available()
+
+
+def _check_shapes(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    key_mask: torch.Tensor | None,
+) -> tuple[int, int, int, int, int, int]:
+    if q_lat.dim() != 4 or q_rope.dim() != 4 or latent.dim() != 3 or k_rope.dim() != 3:
+        raise ValueError("expected q_lat [B,H,Q,R], q_rope [B,H,Q,D], latent [B,T,R], k_rope [B,T,D]")
+    B, H, Q, R = q_lat.shape
+    T = latent.shape[1]
+    D = q_rope.shape[-1]
+    if tuple(q_rope.shape[:3]) != (B, H, Q):
+        raise ValueError(f"q_rope shape {tuple(q_rope.shape)} does not match q_lat {tuple(q_lat.shape)}")
+    if tuple(latent.shape) != (B, T, R):
+        raise ValueError(f"latent shape {tuple(latent.shape)} does not match [B={B}, T, R={R}]")
+    if tuple(k_rope.shape) != (B, T, D):
+        raise ValueError(f"k_rope shape {tuple(k_rope.shape)} does not match [B={B}, T={T}, D={D}]")
+    if key_mask is not None and tuple(key_mask.shape) != (B, T):
+        raise ValueError(f"key_mask shape {tuple(key_mask.shape)} does not match [B={B}, T={T}]")
+    if Q > T:
+        raise ValueError(f"{Q} queries but only {T} cached keys (the queries must be the last Q keys)")
+    return B, H, Q, T, R, D
+
+
+def mla_decode_reference(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Absorbed MLA attention in plain PyTorch, computed in float32 (float64 for float64 inputs).
+
+    Shapes as in :func:`mla_decode_attention`. Rows that may attend no key return zeros.
+    """
+    B, H, Q, T, R, D = _check_shapes(q_lat, q_rope, latent, k_rope, key_mask)
+    f = torch.float64 if q_lat.dtype == torch.float64 else torch.float32
+    lat = latent.to(f)
+    scores = torch.einsum("bhqr,btr->bhqt", q_lat.to(f), lat)
+    if D > 0:
+        scores = scores + torch.einsum("bhqd,btd->bhqt", q_rope.to(f), k_rope.to(f))
+    scores = scores * scale
+
+    pos = torch.arange(T, device=latent.device)
+    limit = T - Q + torch.arange(Q, device=latent.device)
+    allowed = pos[None, :] <= limit[:, None]  # [Q, T] causal among the queries
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask.to(device=latent.device, dtype=torch.bool)[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked rows: exp(-inf) = 0 below
+    p = torch.exp(scores - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.einsum("bhqt,btr->bhqr", p, lat)
+    out = out / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return out.to(q_lat.dtype)
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _mla_decode_split_kernel(
+        QL, QR, LAT, KR, MASK, OUT, LSE,
+        s_qlb, s_qlh, s_qlq,
+        s_qrb, s_qrh, s_qrq,
+        s_lb, s_lt,
+        s_kb, s_kt,
+        s_mb,
+        s_ob, s_os, s_or,
+        s_eb, s_es,
+        T, HQ, tokens_per_split, qk_scale,
+        Q: tl.constexpr,
+        R: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        WRITE_LSE: tl.constexpr,
+    ):
+        """One program: a block of (head, query) rows of one sequence over one split of its keys.
+
+        Writes the split's normalised partial output (or the final output when there is a single split)
+        and, for the combine step, the split's log2-sum-exp2 per row.
+        """
+        pid_h = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+
+        rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # row = h * Q + i
+        row_ok = rows < HQ
+        h = rows // Q
+        qi = rows % Q
+        limit = T - Q + qi  # last key each row may see (causal among the queries)
+
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, BLOCK_D)
+        r_ok = offs_r < R
+        d_ok = offs_d < D
+
+        ql = tl.load(
+            QL + b * s_qlb + h[:, None] * s_qlh + qi[:, None] * s_qlq + offs_r[None, :],
+            mask=row_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
+        qr = tl.load(
+            QR + b * s_qrb + h[:, None] * s_qrh + qi[:, None] * s_qrq + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+
+        t_start = pid_s * tokens_per_split
+        t_end = tl.minimum(t_start + tokens_per_split, T)
+
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+
+        lat_base = LAT + b * s_lb
+        kr_base = KR + b * s_kb
+        # every split runs the same trip count; the last one masks what lies past T
+        for i in range(0, tokens_per_split, BLOCK_T):
+            offs_t = t_start + i + tl.arange(0, BLOCK_T)
+            t_ok = offs_t < t_end
+            lat = tl.load(
+                lat_base + offs_t[:, None] * s_lt + offs_r[None, :],
+                mask=t_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            kr = tl.load(
+                kr_base + offs_t[:, None] * s_kt + offs_d[None, :],
+                mask=t_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            qk = tl.dot(ql, tl.trans(lat))
+            qk = tl.dot(qr, tl.trans(kr), acc=qk)
+            qk = qk * qk_scale  # log2 domain
+
+            allowed = t_ok[None, :] & (offs_t[None, :] <= limit[:, None])
+            if HAS_MASK:
+                km = tl.load(MASK + b * s_mb + offs_t, mask=t_ok, other=0)
+                allowed = allowed & (km != 0)[None, :]
+            qk = tl.where(allowed, qk, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            # rows that have seen no allowed key yet keep m = -inf; shift them by 0 so exp2 gives 0, not NaN
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            p = tl.exp2(qk - m_shift[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(lat.dtype), lat, acc=acc)
+            m_i = m_new
+
+        has = l_i > 0.0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        tl.store(
+            OUT + b * s_ob + pid_s * s_os + rows[:, None] * s_or + offs_r[None, :],
+            out.to(OUT.dtype.element_ty),
+            mask=row_ok[:, None] & r_ok[None, :],
+        )
+        if WRITE_LSE:
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            tl.store(LSE + b * s_eb + pid_s * s_es + rows, lse, mask=row_ok)
+
+    @triton.jit
+    def _mla_decode_combine_kernel(
+        PO, LSE, OUT,
+        s_pb, s_ps, s_pr,
+        s_eb, s_es,
+        s_ob, s_or,
+        S,
+        R: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        """Merge the splits of one (batch, row) by their log2-sum-exp2 weights."""
+        row = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+
+        lse_base = LSE + b * s_eb + row
+        lse = tl.load(lse_base + offs_s * s_es, mask=offs_s < S, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        denom = tl.sum(tl.exp2(lse - m), axis=0)
+
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        po_base = PO + b * s_pb + row * s_pr
+        for s in range(S):
+            w = tl.exp2(tl.load(lse_base + s * s_es) - m)
+            o = tl.load(po_base + s * s_ps + offs_r, mask=r_ok, other=0.0)
+            acc += w * o
+        out = acc / tl.where(denom > 0.0, denom, 1.0)
+        tl.store(OUT + b * s_ob + row * s_or + offs_r, out.to(OUT.dtype.element_ty), mask=r_ok)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _kernel_config(HQ: int, R: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_T, num_warps, num_stages) for a row count and latent width."""
+    block_r = max(16, _next_pow2(R))
+    max_rows = 32 if block_r >= 512 else 64
+    block_h = min(max(16, _next_pow2(HQ)), max_rows)
+    if block_r >= 512:
+        return block_h, 32, 8, 2
+    return block_h, 32, 4, 3
+
+
+def _choose_splits(T: int, programs_per_split: int, device: torch.device, block_t: int) -> int:
+    """Enough splits of the key range to fill the SMs, but never splits shorter than a few blocks."""
+    target = 2 * _sm_count(device)
+    min_tokens = 4 * block_t
+    splits = max(1, math.ceil(target / max(1, programs_per_split)))
+    return max(1, min(splits, math.ceil(T / min_tokens), 256))
+
+
+def _mla_decode_triton(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float = 1.0,
+    num_splits: int | None = None,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """The Triton split-K kernel; the tuning arguments override the built-in heuristics."""
+    B, H, Q, T, R, D = _check_shapes(q_lat, q_rope, latent, k_rope, key_mask)
+    dtype = q_lat.dtype
+    q_rope, latent, k_rope = (x.to(dtype) for x in (q_rope, latent, k_rope))
+    q_lat, q_rope, latent, k_rope = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_lat, q_rope, latent, k_rope))
+    HQ = H * Q
+    out = torch.empty((B, H, Q, R), device=q_lat.device, dtype=dtype)
+    if B == 0 or HQ == 0 or R == 0:
+        return out
+
+    block_h, bt, nw, ns = _kernel_config(HQ, R)
+    block_t = block_t or bt
+    num_warps = num_warps or nw
+    num_stages = num_stages or ns
+    block_r = max(16, _next_pow2(R))
+    block_d = max(16, _next_pow2(D))
+    n_hb = triton.cdiv(HQ, block_h)
+
+    if num_splits is None:
+        num_splits = _choose_splits(T, B * n_hb, q_lat.device, block_t)
+    tokens_per_split = triton.cdiv(triton.cdiv(T, max(1, num_splits)), block_t) * block_t
+    num_splits = triton.cdiv(T, tokens_per_split)
+
+    if key_mask is not None:
+        mask = key_mask.to(device=q_lat.device, dtype=torch.bool)
+        mask = mask.view(torch.uint8) if mask.stride(-1) == 1 else mask.contiguous().view(torch.uint8)
+        s_mb = mask.stride(0)
+    else:
+        mask, s_mb = q_lat, 0  # never read
+
+    direct = num_splits == 1
+    if direct:
+        po, lse = out, out  # lse never written
+        s_ob, s_os, s_or = HQ * R, 0, R
+        s_eb, s_es = 0, 0
+    else:
+        po = torch.empty((B, num_splits, HQ, R), device=q_lat.device, dtype=torch.float32)
+        lse = torch.empty((B, num_splits, HQ), device=q_lat.device, dtype=torch.float32)
+        s_ob, s_os, s_or = po.stride(0), po.stride(1), po.stride(2)
+        s_eb, s_es = lse.stride(0), lse.stride(1)
+
+    with torch.cuda.device(q_lat.device) if q_lat.is_cuda else contextlib.nullcontext():
+        _mla_decode_split_kernel[(n_hb, num_splits, B)](
+            q_lat, q_rope, latent, k_rope, mask, po, lse,
+            q_lat.stride(0), q_lat.stride(1), q_lat.stride(2),
+            q_rope.stride(0), q_rope.stride(1), q_rope.stride(2),
+            latent.stride(0), latent.stride(1),
+            k_rope.stride(0), k_rope.stride(1),
+            s_mb,
+            s_ob, s_os, s_or,
+            s_eb, s_es,
+            T, HQ, tokens_per_split, float(scale) * _LOG2E,
+            Q=Q, R=R, D=D,
+            BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d,
+            HAS_MASK=key_mask is not None,
+            WRITE_LSE=not direct,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+        if not direct:
+            _mla_decode_combine_kernel[(HQ, B)](
+                po, lse, out,
+                po.stride(0), po.stride(1), po.stride(2),
+                lse.stride(0), lse.stride(1),
+                HQ * R, R,
+                num_splits,
+                R=R,
+                BLOCK_R=block_r,
+                BLOCK_S=max(16, _next_pow2(num_splits)),
+                num_warps=4 if block_r >= 256 else 1,
+            )
+    return out
+
+
+def _use_triton(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> bool:
+    if not _HAS_TRITON or not q_lat.is_cuda:
+        return False
+    if q_lat.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if any(x.dtype != q_lat.dtype or x.device != q_lat.device for x in (q_rope, latent, k_rope)):
+        return False
+    Q, R, D = q_lat.shape[2], q_lat.shape[3], q_rope.shape[3]
+    return 1 <= Q <= _MAX_TRITON_Q and 1 <= R <= _MAX_TRITON_R and D <= _MAX_TRITON_D
+
+
+def mla_decode_attention(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Absorbed MLA attention of Q new queries over T cached keys (the queries are the last Q keys).
+
+    Args:
+        q_lat: [B, H, Q, R] queries multiplied by the key up-projection.
+        q_rope: [B, H, Q, D] rotated query RoPE part.
+        latent: [B, T, R] cached latents.
+        k_rope: [B, T, D] cached rotated shared RoPE key.
+        key_mask: [B, T] bool, True where a key may be attended, or None.
+        scale: softmax scale.
+
+    Returns:
+        o_lat [B, H, Q, R] in the dtype of ``q_lat`` (float32 accumulation). Rows that may attend no key
+        are zeros.
+
+    Runs the Triton kernel for CUDA bf16/fp16 inputs with Q <= 16 and R <= 512, else the PyTorch reference.
+    """
+    if _use_triton(q_lat, q_rope, latent, k_rope):
+        return _mla_decode_triton(q_lat, q_rope, latent, k_rope, key_mask, scale)
+    return mla_decode_reference(q_lat, q_rope, latent, k_rope, key_mask, scale)

