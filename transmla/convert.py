@@ -35,6 +35,7 @@ class ConvertOptions:
     dtype: str = "auto"
     device: str = "cpu"
     rope_context: int = 4096
+    rope_per_frequency: bool = False  # one rotary component per frequency: exportable to stock DeepSeek code
     max_shard_bytes: int = 5 * 2**30
     overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -114,7 +115,7 @@ def convert_attention(
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """One layer's latent-attention tensors and its rotary key's inverse frequencies."""
     key_cov, query = weight_statistics(src)
-    plan = plan_rope(key_cov, query, inv_freq, options.rope_dim, options.rope_context)
+    plan = plan_rope(key_cov, query, inv_freq, options.rope_dim, options.rope_context, options.rope_per_frequency)
     split = rotary_split(src, plan)
     latent = svd_latent(split.key_nope, src.v, rank)
     return assemble_layer(src, split, latent, scaling), plan.kept_inv_freq
@@ -149,7 +150,8 @@ def build_config(source: Source, geo: Geometry, ranks: list[int], inv_freqs: lis
         rope_theta=float(rope.get("rope_theta", getattr(src, "rope_theta", 10000.0))),
         source_model=source.name, source_architecture=src.model_type,
         conversion={"method": options.method, "rope_dim": options.rope_dim, "kv_lora_rank": ranks,
-                    "rope_context": options.rope_context, "transmla_version": __version__, **options.extra},
+                    "rope_context": options.rope_context,
+                    "rope_per_frequency": options.rope_per_frequency, "transmla_version": __version__, **options.extra},
         auto_map={"AutoConfig": "configuration_transmla.TransMLAConfig",
                   "AutoModelForCausalLM": "modeling_transmla.TransMLAForCausalLM"},
         dtype=str(dtype).removeprefix("torch."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -75,6 +76,7 @@ class ShardedSafetensorsWriter:
             return
         path = self.out_dir / f"_shard-{len(self._shards) + 1:05d}.safetensors.partial"
         save_file(self._buffer, str(path), metadata=self.metadata)
+        os.chmod(path, 0o644)  # safetensors creates files readable by the owner only
         self._shards.append((path, list(self._buffer)))
         self._buffer = {}
         self._buffer_bytes = 0

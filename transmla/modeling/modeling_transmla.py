@@ -164,7 +164,10 @@ class TransMLAAttention(nn.Module):
         if groups > 1:
             key = key.repeat_interleave(groups, dim=1)
             value = value.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scaling)
+        causal = attention_mask is None and query.shape[2] > 1
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, is_causal=causal, scale=self.scaling
+        )
 
     def _absorbed(
         self,
@@ -225,21 +228,24 @@ class TransMLAPreTrainedModel(PreTrainedModel):
 
 def build_masks(
     attention_mask: torch.Tensor | None, bsz: int, q_len: int, kv_len: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Boolean [B, 1, Q, T] mask for SDPA (causal and padding) and the [B, T] key mask for absorbed decode.
 
-    Queries are the last Q of the T positions. Every query may always see itself, so that padded query rows stay
-    finite; real queries never see padded keys.
+    Queries are the last Q of the T positions. Without padding the SDPA mask is None where SDPA's own causal
+    mode (Q == T) or no mask at all (Q == 1) says the same. Every query may always see itself, so that padded
+    query rows stay finite; real queries never see padded keys.
     """
+    key_mask = None
+    if attention_mask is not None and not bool(attention_mask[:, -kv_len:].all()):
+        key_mask = attention_mask[:, -kv_len:].to(device=device, dtype=torch.bool)
+    if key_mask is None and (q_len == kv_len or q_len == 1):
+        return None, None
     past = kv_len - q_len
     q_pos = torch.arange(past, kv_len, device=device)[:, None]
     k_pos = torch.arange(kv_len, device=device)[None, :]
     allowed = (k_pos <= q_pos)[None, None].expand(bsz, 1, q_len, kv_len)
-    key_mask = None
-    if attention_mask is not None:
-        key_mask = attention_mask[:, -kv_len:].to(device=device, dtype=torch.bool)
-        allowed = allowed & key_mask[:, None, None, :]
-        allowed = allowed | (k_pos == q_pos)[None, None]
+    if key_mask is not None:
+        allowed = (allowed & key_mask[:, None, None, :]) | (k_pos == q_pos)[None, None]
     return allowed, key_mask
 
 

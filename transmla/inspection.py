@@ -1,0 +1,44 @@
+"""`transmla inspect`: attention geometry and KV-cache size per token, before and after conversion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .convert import Geometry
+from .geometry import describe, is_transmla
+from .source import check_architecture, resolve
+
+
+def load_config(spec: str) -> Any:
+    """The config of a source model or a converted folder, without loading weights."""
+    from transformers import AutoConfig
+
+    folder, gguf = resolve(spec)
+    if gguf is not None:
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf)
+    return AutoConfig.from_pretrained(folder, trust_remote_code=True)
+
+
+def inspect_model(spec: str, kv_lora_rank: int | None, rope_dim: int, bytes_per_value: int = 2) -> dict[str, Any]:
+    """Per-layer geometry with values per token before and after; a converted folder reports its own R and D."""
+    config = load_config(spec)
+    layers = describe(config)
+    if is_transmla(config):
+        after = [(g.kv_lora_rank, g.qk_rope_head_dim) for g in layers]
+        before = [2 * g.num_kv_heads * g.head_dim for g in layers]
+    else:
+        check_architecture(config)
+        geo = Geometry.of(config)
+        rank = kv_lora_rank or geo.default_rank(rope_dim)
+        geo.check(rank, rope_dim)
+        after = [(rank, rope_dim)] * len(layers)
+        before = [g.kv_values_per_token for g in layers]
+    rows = [
+        {"layer": g.layer, "heads": g.num_heads, "kv_heads": g.num_kv_heads, "head_dim": g.head_dim,
+         "values_before": b, "R": r, "D": d, "values_after": r + d}
+        for g, b, (r, d) in zip(layers, before, after)
+    ]
+    bytes_before = sum(r["values_before"] for r in rows) * bytes_per_value
+    bytes_after = sum(r["values_after"] for r in rows) * bytes_per_value
+    return {"model": spec, "layers": rows, "bytes_before": bytes_before, "bytes_after": bytes_after,
+            "compression": bytes_before / bytes_after}
