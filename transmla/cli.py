@@ -59,7 +59,7 @@ def convert(
     model: str = typer.Argument(..., help="Source: hub id, local folder (safetensors), .gguf file, or smollm2-135m."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Latent width R cached per token and layer [default: half the source's KV cache minus the RoPE key]."),
-    rope_dim: int = typer.Option(64, "--rope-dim", "-d", help="Width D of the decoupled RoPE key shared by all heads (even)."),
+    rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the decoupled RoPE key shared by all heads (even) [default: 64, or all key dims if fewer]."),
     method: str = typer.Option("svd", "--method", help="Factorisation: svd (weights only, no data)."),
     rope_context: int = typer.Option(4096, "--rope-context", help="Context length over which dropping a frequency's rotation is costed."),
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the source's), float32, bfloat16, float16."),
@@ -90,7 +90,7 @@ def convert(
 def inspect(
     model: str = typer.Argument(..., help="Source model or converted folder."),
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Latent width R of a planned conversion."),
-    rope_dim: int = typer.Option(64, "--rope-dim", "-d", help="Width D of the shared RoPE key of a planned conversion."),
+    rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the shared RoPE key of a planned conversion [default: 64, or all key dims if fewer]."),
     bytes_per_value: int = typer.Option(2, "--bytes-per-value", help="Cache element size (2 for bf16/fp16)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:

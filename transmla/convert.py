@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ class ConvertOptions:
     """Settings of one conversion; every lossy choice is here."""
 
     kv_lora_rank: int | None = None  # None: half of the source's KV cache minus the rotary key
-    rope_dim: int = 64
+    rope_dim: int | None = None  # None: 64, or all key dims if the source has fewer
     method: str = "svd"
     dtype: str = "auto"
     device: str = "cpu"
@@ -68,6 +68,10 @@ class Geometry:
         limit = max_latent_rank(self.hidden, self.groups * self.head_dim - rope_dim, self.groups * self.head_dim)
         if not 1 <= rank <= limit:
             raise TransMLAError(f"--kv-lora-rank {rank} is out of range: with --rope-dim {rope_dim} this model allows 1..{limit}")
+
+    def default_rope_dim(self) -> int:
+        """64 (DeepSeek's and FlashMLA's width), or all key dims when there are fewer."""
+        return min(64, self.groups * self.head_dim)
 
     def default_rank(self, rope_dim: int) -> int:
         """Half of the source's per-token cache: R + D = G*d."""
@@ -169,6 +173,8 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
     out = Path(out)
     source = open_source(spec)
     geo = Geometry.of(source.config)
+    if options.rope_dim is None:
+        options = replace(options, rope_dim=geo.default_rope_dim())
     rank = options.kv_lora_rank or geo.default_rank(options.rope_dim)
     geo.check(rank, options.rope_dim)
     if options.method != "svd":

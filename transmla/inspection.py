@@ -19,7 +19,7 @@ def load_config(spec: str) -> Any:
     return AutoConfig.from_pretrained(folder, trust_remote_code=True)
 
 
-def inspect_model(spec: str, kv_lora_rank: int | None, rope_dim: int, bytes_per_value: int = 2) -> dict[str, Any]:
+def inspect_model(spec: str, kv_lora_rank: int | None, rope_dim: int | None, bytes_per_value: int = 2) -> dict[str, Any]:
     """Per-layer geometry with values per token before and after; a converted folder reports its own R and D."""
     config = load_config(spec)
     layers = describe(config)
@@ -29,6 +29,7 @@ def inspect_model(spec: str, kv_lora_rank: int | None, rope_dim: int, bytes_per_
     else:
         check_architecture(config)
         geo = Geometry.of(config)
+        rope_dim = rope_dim or geo.default_rope_dim()
         rank = kv_lora_rank or geo.default_rank(rope_dim)
         geo.check(rank, rope_dim)
         after = [(rank, rope_dim)] * len(layers)

@@ -145,5 +145,5 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     elif is_converted(folder):
         kwargs["trust_remote_code"] = True
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=kwargs.get("trust_remote_code"))
     return model, tokenizer

@@ -1,0 +1,119 @@
+"""The command line through typer's runner: convert, inspect, eval, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from tiny import save_source
+from transmla.cli import app
+
+runner = CliRunner()
+TEXT = "Latent attention caches a small latent per token, and the rotary key is shared by all heads.\n\n" * 40
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_source("llama-gqa", root / "src")
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert fragment in lines[0]
+
+
+def test_help_lists_commands():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("convert", "inspect", "eval"):
+        assert command in result.output
+
+
+def test_convert_then_eval_with_compare(source, tmp_path):
+    out = tmp_path / "mla"
+    result = run("convert", source / "src", "--out", out, "-r", "24", "-d", "8", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (out / "config.json").is_file()
+    result = run("eval", out, "--compare", source / "src", "--text-file", source / "text.txt", "--seq-len", "64",
+                 "--max-windows", "3", "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["windows"] for r in rows] == [3, 3]
+    assert rows[0]["kv_values_per_token"] == 2 * 64 and rows[1]["kv_values_per_token"] == 2 * 32
+    assert rows[1]["kv_compression"] == pytest.approx(2.0)
+    assert rows[1]["perplexity_ratio"] == pytest.approx(rows[1]["perplexity"] / rows[0]["perplexity"])
+
+
+def test_inspect_reports_sizes(source):
+    result = run("inspect", source / "src", "-r", "24", "-d", "8", "--bytes-per-value", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [row["values_after"] for row in report["layers"]] == [32, 32]
+    assert report["bytes_before"] == 2 * 64 * 2 and report["bytes_after"] == 2 * 32 * 2
+    assert report["compression"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["-r", "999"], "--kv-lora-rank 999 is out of range"),
+        (["-d", "7"], "--rope-dim 7 must be even"),
+        (["-d", "40"], "--rope-dim 40 must be even and in 2..32"),
+        (["--method", "magic"], "--method 'magic'"),
+        (["--device", "tpu"], "--device 'tpu'"),
+    ],
+)
+def test_convert_bad_options(source, tmp_path, args, fragment):
+    result = run("convert", source / "src", "--out", tmp_path / "mla", *args)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "mla").exists()
+
+
+def test_missing_source_folder(tmp_path):
+    result = run("convert", tmp_path / "nowhere", "--out", tmp_path / "mla")
+    assert_one_line_error(result, "not found")
+    assert not (tmp_path / "mla").exists()
+
+
+def test_unwritable_output(source, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run("convert", source / "src", "--out", blocker / "mla", "-r", "24", "-d", "8")
+    assert_one_line_error(result, "--out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions; covered by test_unwritable_output")
+def test_read_only_parent(source, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir(mode=0o500)
+    result = run("convert", source / "src", "--out", parent / "mla", "-r", "24", "-d", "8")
+    assert_one_line_error(result, "--out")
+
+
+def test_existing_output_needs_overwrite(source, tmp_path):
+    out = tmp_path / "mla"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = run("convert", source / "src", "--out", out, "-r", "24", "-d", "8")
+    assert_one_line_error(result, "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+    result = run("convert", source / "src", "--out", out, "-r", "24", "-d", "8", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_eval_needs_text(source):
+    result = run("eval", source / "src")
+    assert_one_line_error(result, "--text-file")
