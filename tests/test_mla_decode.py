@@ -184,9 +184,9 @@ def test_triton_matches_reference(shape: tuple[int, ...], pad: bool, dtype: torc
 
 @pytest.mark.gpu
 @needs_triton
-@pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64, 300])
 def test_triton_split_counts(num_splits: int) -> None:
-    B, H, Q, T, R, D = 3, 32, 1, 2000, 512, 64
+    B, H, Q, T, R, D = 3, 32, 1, 20000, 512, 64
     q_lat, q_rope, latent, k_rope, mask = _gpu_case(B, H, Q, T, R, D, torch.bfloat16, seed=num_splits, pad=True)
     mask[1, : T - 5] = False  # most splits of batch 1 see no key at all
     ref = mla_decode_reference(q_lat.float(), q_rope.float(), latent.float(), k_rope.float(), mask, 0.1)
@@ -207,6 +207,16 @@ def test_triton_fully_masked_rows_are_zero() -> None:
         assert torch.isfinite(out).all()
         assert (out[1] == 0).all()
         _check_close(out[:1], ref[:1], torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_triton_falls_back_when_shared_memory_is_short() -> None:
+    B, H, Q, T, R, D = 2, 32, 1, 3000, 512, 64
+    q_lat, q_rope, latent, k_rope, mask = _gpu_case(B, H, Q, T, R, D, torch.bfloat16, seed=9, pad=True)
+    ref = mla_decode_reference(q_lat.float(), q_rope.float(), latent.float(), k_rope.float(), mask, 0.1)
+    out = _mla_decode_triton(q_lat, q_rope, latent, k_rope, mask, 0.1, block_t=128, num_stages=6)
+    _check_close(out, ref, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -24,10 +24,15 @@ try:  # triton is optional: without it (or without CUDA) everything runs through
     import triton
     import triton.language as tl
 
+    try:
+        from triton.runtime.errors import OutOfResources as _OutOfResources
+    except ImportError:  # pragma: no cover - older or newer triton layouts
+        _OutOfResources = RuntimeError
     _HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
+    _OutOfResources = RuntimeError
     _HAS_TRITON = False
 
 __all__ = ["mla_decode_attention", "mla_decode_reference", "triton_available"]
@@ -221,28 +226,35 @@ if _HAS_TRITON:
         s_ob, s_or,
         S,
         R: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        BLOCK_S: tl.constexpr,
+        BLOCK_RC: tl.constexpr,
+        CHUNK_S: tl.constexpr,
     ):
-        """Merge the splits of one (batch, row) by their log2-sum-exp2 weights."""
+        """Merge the splits of one (row, column chunk, sequence) by their log2-sum-exp2 weights."""
         row = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_r = tl.arange(0, BLOCK_R)
+        pid_r = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_r = pid_r * BLOCK_RC + tl.arange(0, BLOCK_RC)
         r_ok = offs_r < R
-
+        offs_s = tl.arange(0, CHUNK_S)
         lse_base = LSE + b * s_eb + row
-        lse = tl.load(lse_base + offs_s * s_es, mask=offs_s < S, other=float("-inf"))
-        m = tl.max(lse, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        denom = tl.sum(tl.exp2(lse - m), axis=0)
-
-        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
         po_base = PO + b * s_pb + row * s_pr
-        for s in range(S):
-            w = tl.exp2(tl.load(lse_base + s * s_es) - m)
-            o = tl.load(po_base + s * s_ps + offs_r, mask=r_ok, other=0.0)
-            acc += w * o
+
+        # running max, denominator and sum, kept as [BLOCK_RC] vectors (all columns share the same values)
+        m = tl.full([BLOCK_RC], float("-inf"), dtype=tl.float32)
+        denom = tl.zeros([BLOCK_RC], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_RC], dtype=tl.float32)
+        for s0 in range(0, S, CHUNK_S):
+            sc = s0 + offs_s
+            s_ok = sc < S
+            lse = tl.load(lse_base + sc * s_es, mask=s_ok, other=float("-inf"))
+            o = tl.load(po_base + sc[:, None] * s_ps + offs_r[None, :], mask=s_ok[:, None] & r_ok[None, :], other=0.0)
+            m_new = tl.maximum(m, tl.max(lse, axis=0))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_shift)
+            w = tl.exp2(lse[:, None] - m_shift[None, :])
+            denom = denom * alpha + tl.sum(w, axis=0)
+            acc = acc * alpha + tl.sum(w * o, axis=0)
+            m = m_new
         out = acc / tl.where(denom > 0.0, denom, 1.0)
         tl.store(OUT + b * s_ob + row * s_or + offs_r, out.to(OUT.dtype.element_ty), mask=r_ok)
 
@@ -251,6 +263,8 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
@@ -261,22 +275,24 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _kernel_config(HQ: int, R: int) -> tuple[int, int, int, int]:
-    """(BLOCK_H, BLOCK_T, num_warps, num_stages) for a row count and latent width."""
+def _kernel_config(HQ: int, R: int, B: int = 64, num_sms: int = 132) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_T, num_warps, num_stages) for B sequences of HQ query rows and latent width R."""
     block_r = max(16, _next_pow2(R))
-    max_rows = 32 if block_r >= 512 else 64
+    max_rows = 32 if block_r >= 256 else 64  # the [BLOCK_H, BLOCK_R] float32 accumulator lives in registers
+    if B * -(-HQ // max_rows) * 32 <= num_sms:
+        max_rows = 16  # few sequences: more, lighter programs (the latent tile is then shared through L2)
     block_h = min(max(16, _next_pow2(HQ)), max_rows)
-    if block_r >= 512:
-        return block_h, 32, 8, 2
-    return block_h, 32, 4, 3
+    return block_h, 64, 4, 3
 
 
-def _choose_splits(T: int, programs_per_split: int, device: torch.device, block_t: int) -> int:
-    """Enough splits of the key range to fill the SMs, but never splits shorter than a few blocks."""
-    target = 2 * _sm_count(device)
-    min_tokens = 4 * block_t
-    splits = max(1, math.ceil(target / max(1, programs_per_split)))
-    return max(1, min(splits, math.ceil(T / min_tokens), 256))
+def _choose_splits(T: int, programs_per_split: int, num_sms: int, block_t: int) -> int:
+    """Split the keys so that one wave of programs (one per SM) covers the GPU; splits keep >= 2 blocks."""
+    splits = max(1, num_sms // max(1, programs_per_split))
+    return max(1, min(splits, T // (2 * block_t)))
+
+
+# (device, BLOCK_H, BLOCK_R, BLOCK_D, BLOCK_T, warps, stages) -> (BLOCK_T, stages) that fits the device
+_FITTING_CONFIG: dict[tuple, tuple[int, int]] = {}
 
 
 def _mla_decode_triton(
@@ -290,29 +306,31 @@ def _mla_decode_triton(
     block_t: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    block_h: int | None = None,
 ) -> torch.Tensor:
-    """The Triton split-K kernel; the tuning arguments override the built-in heuristics."""
+    """The Triton split-K kernel; the tuning arguments override the built-in heuristics.
+
+    When a configuration needs more shared memory than the device has, smaller tiles or fewer pipeline
+    stages are tried, and as a last resort the reference runs.
+    """
     B, H, Q, T, R, D = _check_shapes(q_lat, q_rope, latent, k_rope, key_mask)
     dtype = q_lat.dtype
     q_rope, latent, k_rope = (x.to(dtype) for x in (q_rope, latent, k_rope))
-    q_lat, q_rope, latent, k_rope = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_lat, q_rope, latent, k_rope))
+    q_lat, q_rope, latent, k_rope = (
+        x if x.stride(-1) == 1 else x.contiguous() for x in (q_lat, q_rope, latent, k_rope)
+    )
     HQ = H * Q
     out = torch.empty((B, H, Q, R), device=q_lat.device, dtype=dtype)
     if B == 0 or HQ == 0 or R == 0:
         return out
 
-    block_h, bt, nw, ns = _kernel_config(HQ, R)
-    block_t = block_t or bt
+    num_sms = _sm_count(q_lat.device)
+    bh, bt, nw, ns = _kernel_config(HQ, R, B, num_sms)
+    block_h = block_h or bh
     num_warps = num_warps or nw
-    num_stages = num_stages or ns
     block_r = max(16, _next_pow2(R))
     block_d = max(16, _next_pow2(D))
     n_hb = triton.cdiv(HQ, block_h)
-
-    if num_splits is None:
-        num_splits = _choose_splits(T, B * n_hb, q_lat.device, block_t)
-    tokens_per_split = triton.cdiv(triton.cdiv(T, max(1, num_splits)), block_t) * block_t
-    num_splits = triton.cdiv(T, tokens_per_split)
 
     if key_mask is not None:
         mask = key_mask.to(device=q_lat.device, dtype=torch.bool)
@@ -321,46 +339,69 @@ def _mla_decode_triton(
     else:
         mask, s_mb = q_lat, 0  # never read
 
-    direct = num_splits == 1
-    if direct:
-        po, lse = out, out  # lse never written
-        s_ob, s_os, s_or = HQ * R, 0, R
-        s_eb, s_es = 0, 0
+    key = (q_lat.device.index, block_h, block_r, block_d, block_t or bt, num_warps, num_stages or ns)
+    if key in _FITTING_CONFIG:
+        candidates = [_FITTING_CONFIG[key]]
     else:
-        po = torch.empty((B, num_splits, HQ, R), device=q_lat.device, dtype=torch.float32)
-        lse = torch.empty((B, num_splits, HQ), device=q_lat.device, dtype=torch.float32)
-        s_ob, s_os, s_or = po.stride(0), po.stride(1), po.stride(2)
-        s_eb, s_es = lse.stride(0), lse.stride(1)
+        candidates = [(block_t or bt, num_stages or ns), (block_t or bt, 2), (32, 2), (16, 2), (16, 1)]
+    for cand_t, cand_stages in dict.fromkeys(candidates):
+        splits = num_splits or _choose_splits(T, B * n_hb, num_sms, cand_t)
+        tokens_per_split = triton.cdiv(triton.cdiv(T, max(1, splits)), cand_t) * cand_t
+        splits = triton.cdiv(T, tokens_per_split)
+        direct = splits == 1
+        if direct:
+            po, lse = out, out  # lse never written
+            s_ob, s_os, s_or = HQ * R, 0, R
+            s_eb, s_es = 0, 0
+        else:
+            po = torch.empty((B, splits, HQ, R), device=q_lat.device, dtype=torch.float32)
+            lse = torch.empty((B, splits, HQ), device=q_lat.device, dtype=torch.float32)
+            s_ob, s_os, s_or = po.stride(0), po.stride(1), po.stride(2)
+            s_eb, s_es = lse.stride(0), lse.stride(1)
+        try:
+            with torch.cuda.device(q_lat.device) if q_lat.is_cuda else contextlib.nullcontext():
+                _mla_decode_split_kernel[(n_hb, splits, B)](
+                    q_lat, q_rope, latent, k_rope, mask, po, lse,
+                    q_lat.stride(0), q_lat.stride(1), q_lat.stride(2),
+                    q_rope.stride(0), q_rope.stride(1), q_rope.stride(2),
+                    latent.stride(0), latent.stride(1),
+                    k_rope.stride(0), k_rope.stride(1),
+                    s_mb,
+                    s_ob, s_os, s_or,
+                    s_eb, s_es,
+                    T, HQ, tokens_per_split, float(scale) * _LOG2E,
+                    Q=Q, R=R, D=D,
+                    BLOCK_H=block_h, BLOCK_T=cand_t, BLOCK_R=block_r, BLOCK_D=block_d,
+                    HAS_MASK=key_mask is not None,
+                    WRITE_LSE=not direct,
+                    num_warps=num_warps,
+                    num_stages=cand_stages,
+                )
+        except _OutOfResources:
+            continue
+        _FITTING_CONFIG[key] = (cand_t, cand_stages)
+        break
+    else:
+        return mla_decode_reference(q_lat, q_rope, latent, k_rope, key_mask, scale)
 
-    with torch.cuda.device(q_lat.device) if q_lat.is_cuda else contextlib.nullcontext():
-        _mla_decode_split_kernel[(n_hb, num_splits, B)](
-            q_lat, q_rope, latent, k_rope, mask, po, lse,
-            q_lat.stride(0), q_lat.stride(1), q_lat.stride(2),
-            q_rope.stride(0), q_rope.stride(1), q_rope.stride(2),
-            latent.stride(0), latent.stride(1),
-            k_rope.stride(0), k_rope.stride(1),
-            s_mb,
-            s_ob, s_os, s_or,
-            s_eb, s_es,
-            T, HQ, tokens_per_split, float(scale) * _LOG2E,
-            Q=Q, R=R, D=D,
-            BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d,
-            HAS_MASK=key_mask is not None,
-            WRITE_LSE=not direct,
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )
-        if not direct:
-            _mla_decode_combine_kernel[(HQ, B)](
+    if not direct:
+        # enough programs for two per SM, each reading up to 4096 partial values per step
+        block_rc = block_r
+        while block_rc > 128 and B * HQ * triton.cdiv(R, block_rc) < 2 * num_sms:
+            block_rc //= 2
+        chunk_s = max(1, min(_next_pow2(splits), 4096 // block_rc))
+        with torch.cuda.device(q_lat.device) if q_lat.is_cuda else contextlib.nullcontext():
+            _mla_decode_combine_kernel[(HQ, triton.cdiv(R, block_rc), B)](
                 po, lse, out,
                 po.stride(0), po.stride(1), po.stride(2),
                 lse.stride(0), lse.stride(1),
                 HQ * R, R,
-                num_splits,
+                splits,
                 R=R,
-                BLOCK_R=block_r,
-                BLOCK_S=max(16, _next_pow2(num_splits)),
-                num_warps=4 if block_r >= 256 else 1,
+                BLOCK_RC=block_rc,
+                CHUNK_S=chunk_s,
+                num_warps=4,
+                num_stages=2,
             )
     return out
 
