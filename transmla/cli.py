@@ -57,8 +57,10 @@ def resolve_device(device: str) -> str:
 @app.command()
 @friendly_errors
 def convert(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Source: hub id, local folder (safetensors), .gguf file, or smollm2-135m."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML file of convert options (recipes/); flags given here override it."),
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Latent width R cached per token and layer [default: half the source's KV cache minus the RoPE key]."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the decoupled RoPE key shared by all heads (even) [default: 64, or all key dims if fewer]."),
     method: str = typer.Option("svd", "--method", help="Factorisation: svd (weights only, no data)."),
@@ -73,6 +75,15 @@ def convert(
     """Convert MODEL to latent attention and write a checkpoint that transformers loads."""
     from .convert import ConvertOptions, convert as run_convert
 
+    if recipe is not None:
+        from .recipes import apply_recipe
+
+        given = {k: v for k, v in locals().items() if k not in ("ctx", "recipe", "ConvertOptions", "run_convert")}
+        merged = apply_recipe(ctx, recipe, given)
+        # Rebind every option from the merged values.
+        (kv_lora_rank, rope_dim, method, rope_context, dtype, device, max_shard_size, overwrite) = (
+            merged[k] for k in ("kv_lora_rank", "rope_dim", "method", "rope_context", "dtype", "device", "max_shard_size", "overwrite")
+        )
     options = ConvertOptions(
         kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, method=method, dtype=dtype, device=resolve_device(device),
         rope_context=rope_context, max_shard_bytes=int(max_shard_size * 2**30), overwrite=overwrite,
