@@ -26,18 +26,26 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 
 def friendly_errors(command: Callable) -> Callable:
-    """Turn TransMLAError into one line on stderr and exit code 1 (130 on Ctrl-C)."""
+    """Turn TransMLAError and disk failures into one line on stderr and exit code 1; Ctrl-C, SIGTERM and
+    SIGHUP clean up and exit with 128 + the signal's number."""
+    from .failures import disk_error_line, exit_code, terminate_as_interrupt
 
     @wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with terminate_as_interrupt():
+                return command(*args, **kwargs)
         except TransMLAError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
+        except OSError as exc:
+            if (line := disk_error_line(exc)) is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt as exc:
             err_console.print("interrupted: nothing was written")
-            raise typer.Exit(130) from None
+            raise typer.Exit(exit_code(exc)) from None
 
     return wrapper
 
@@ -71,6 +79,7 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out folder."),
     heal_tokens: Optional[str] = typer.Option(None, "--heal-tokens", help="Then heal with this many training tokens (e.g. 2M); see `transmla heal`."),
     heal_data: Optional[str] = typer.Option(None, "--heal-data", help="Healing text: a text file, a dataset name (wikitext2, c4, owner/name), or self-distill."),
+    export_format: str = typer.Option("ours", "--format", help="ours (the transmla format) or deepseek (stock DeepSeek-V3 for vLLM, SGLang and transformers; one rotary component per frequency; see docs/serving.md)."),
 ) -> None:
     """Convert MODEL to latent attention and write a checkpoint that transformers loads."""
     from .convert import ConvertOptions, convert as run_convert
@@ -88,6 +97,11 @@ def convert(
         kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, method=method, dtype=dtype, device=resolve_device(device),
         rope_context=rope_context, max_shard_bytes=int(max_shard_size * 2**30), overwrite=overwrite,
     )
+    if recipe is not None:
+        export_format = merged["export_format"]
+    if export_format != "ours":
+        convert_to_deepseek(model, out, options, export_format, heal_tokens, heal_data, overwrite)
+        return
     if heal_tokens is not None:
         from .heal import convert_and_heal, heal_data_options
 
@@ -95,6 +109,64 @@ def convert(
         return
     path = run_convert(model, out, options)
     console.print(f"wrote {path}")
+
+
+def check_export_format(name: str) -> None:
+    if name != "deepseek":
+        raise TransMLAError(f"--format {name!r} is not one of ours, deepseek")
+
+
+def convert_to_deepseek(model: str, out: Path, options, export_format: str, heal_tokens: Optional[str],
+                        heal_data: Optional[str], overwrite: bool) -> None:
+    """`convert --format deepseek`: convert (and heal) into a work folder, then export."""
+    from .export_deepseek import ExportOptions, convert_deepseek
+
+    check_export_format(export_format)
+    heal_options = None
+    if heal_tokens is not None:
+        from .heal import heal_data_options
+
+        heal_options = heal_data_options(heal_tokens, heal_data, overwrite)
+    export = ExportOptions(max_shard_bytes=options.max_shard_bytes, overwrite=overwrite)
+    report = convert_deepseek(model, out, options, export, heal_options=heal_options)
+    if report is not None:
+        print_export_report(report)
+
+
+def print_export_report(report) -> None:
+    console.print(
+        f"wrote {report.out}: DeepSeek-V3, kv_lora_rank {report.kv_lora_rank}, rope_theta {report.rope_theta:g}, "
+        f"latent norm {report.latent_norm} (latent error {report.latent_error:.2g})"
+    )
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def export(
+    folder: Path = typer.Argument(..., help="Converted folder (from `transmla convert` or `transmla heal`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    export_format: str = typer.Option("deepseek", "--format", help="Target format: deepseek (DeepSeek-V3 for vLLM, SGLang and stock transformers)."),
+    latent_norm: str = typer.Option("exact", "--latent-norm", help="DeepSeek's latent RMSNorm: exact (made a fixed scale, no data) or calibrated (fitted on --calib-text, ordinary weight sizes)."),
+    calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="UTF-8 text for --latent-norm calibrated."),
+    calib_windows: int = typer.Option(8, "--calib-windows", help="Calibration windows."),
+    calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per calibration window."),
+    rope_interleave: bool = typer.Option(True, "--rope-interleave/--no-rope-interleave", help="Interleaved rotary pairs, as DeepSeek's checkpoints, vLLM and SGLang expect."),
+    dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the folder's), float32, bfloat16, float16."),
+    max_shard_size: float = typer.Option(5.0, "--max-shard-size", help="Largest output shard, in GiB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out folder."),
+) -> None:
+    """Write a converted checkpoint in another model format (see docs/serving.md)."""
+    from .export_deepseek import ExportOptions, export_deepseek
+
+    check_export_format(export_format)
+    options = ExportOptions(
+        latent_norm=latent_norm, rope_interleave=rope_interleave, dtype=dtype,
+        calib_text=str(calib_text) if calib_text else None, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
+        max_shard_bytes=int(max_shard_size * 2**30), overwrite=overwrite,
+    )
+    print_export_report(export_deepseek(folder, out, options))
 
 
 @app.command()
@@ -175,7 +247,7 @@ def heal(
     seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per packed training window."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per micro-batch and process."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, cosine schedule)."),
+    lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (AdamW, cosine schedule)."),
     warmup: float = typer.Option(0.05, "--warmup", help="Warm-up share of the steps."),
     temperature: float = typer.Option(1.0, "--temperature", help="Distillation temperature."),
     ce_weight: float = typer.Option(0.0, "--ce-weight", help="Weight of the cross-entropy on the text, added to the KL."),

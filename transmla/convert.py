@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import TransMLAError
+from .checks import check_output_location, check_source_tensors
 from .factorize import max_latent_rank, svd_latent
 from .io import ShardedSafetensorsWriter, TensorSource, atomic_output_dir, check_free_disk
 from .mla_layer import SourceAttention, assemble_layer, rotary_split
@@ -109,8 +110,8 @@ def weight_statistics(src: SourceAttention) -> tuple[torch.Tensor, torch.Tensor]
     key_cov = torch.einsum("imgh,imkh->igk", k_blocks, k_blocks)
     q_blocks = pair_blocks(src.q, src.heads, src.head_dim)  # [d/2, 2, H, h]
     per_head = q_blocks.pow(2).sum(dim=(1, 3))  # [d/2, H]
-    query = torch.zeros(per_head.shape[0], src.groups, dtype=per_head.dtype)
-    query.index_add_(1, src.group_of_head, per_head)
+    query = torch.zeros(per_head.shape[0], src.groups, dtype=per_head.dtype, device=per_head.device)
+    query.index_add_(1, src.group_of_head.to(per_head.device), per_head)
     return key_cov, query
 
 
@@ -174,7 +175,10 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
     source = open_source(spec)
     geo = Geometry.of(source.config)
     if options.rope_dim is None:
-        options = replace(options, rope_dim=geo.default_rope_dim())
+        default = geo.default_rope_dim()
+        options = replace(options, rope_dim=min(default, geo.head_dim) if options.rope_per_frequency else default)
+    if options.rope_per_frequency and options.rope_dim > geo.head_dim:
+        raise TransMLAError(f"--rope-dim {options.rope_dim} is too wide for one component per frequency: use at most {geo.head_dim} (the head width)")
     rank = options.kv_lora_rank or geo.default_rank(options.rope_dim)
     geo.check(rank, options.rope_dim)
     if options.method != "svd":
@@ -187,6 +191,8 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
     generation_config = source.load_generation_config()
 
     tensors = source.tensors
+    check_output_location(out, source.folder if source.gguf_file is None else source.folder / source.gguf_file)
+    check_source_tensors(tensors, source.config, source.name)
     check_free_disk(out.parent if out.parent != Path("") else Path("."), estimate_output_bytes(tensors, dtype))
     with atomic_output_dir(out, overwrite=options.overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=options.max_shard_bytes)
@@ -226,6 +232,8 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
                     emit(key, tensors.get(key))
             ranks.append(rank)
             inv_freqs.append(layer_freq)
+            if hasattr(tensors, "close"):
+                tensors.close()  # unmap the source shards: only one layer's pages stay resident
         for key in [k for k in other_keys if k.startswith(("model.norm", "lm_head"))]:
             emit(key, tensors.get(key))
         writer.finish()

@@ -51,7 +51,7 @@ class SourceAttention:
 
     @property
     def group_of_head(self) -> torch.Tensor:
-        return torch.arange(self.heads) // (self.heads // self.groups)
+        return torch.arange(self.heads, device=self.q.device) // (self.heads // self.groups)
 
 
 @dataclass
