@@ -5,11 +5,15 @@ The attention caches, per token and layer, only a latent `c` (R values) and one 
 form through SDPA; decoding runs the absorbed form (DeepSeek-V2, appendix C): the key up-projection is applied
 to the query, attention is computed directly against the cached latent, and the value up-projection is applied
 to the attended latent before `o_proj`.
+
+By default the cache is a `LatentCache`: per layer, preallocated buffers written in place (no per-step copy of the
+whole cache), holding the latent as "keys" [B, 1, T, R] and the rotated shared key as "values" [B, 1, T, D].
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 try:  # transformers >= 4.52
@@ -34,6 +38,128 @@ _CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWith
 # Attention forms: "auto" uses the absorbed form for short query chunks against a longer cache.
 ATTENTION_FORMS = ("auto", "expanded", "absorbed")
 ABSORB_MAX_QUERY = 16
+# Cache buffers, once past their planned length, grow by half, in multiples of this many tokens.
+_CACHE_ROUND = 256
+
+
+class LatentCacheLayer(CacheLayerMixin):
+    """One layer's cache in preallocated [B, heads, capacity, dim] buffers, written in place.
+
+    `keys` and `values` are views of the filled part. When full, the buffers grow by half (one copy), so appending
+    costs amortised O(new tokens) instead of DynamicCache's O(whole cache) per step. `max_cache_len` (e.g. what
+    `generate()` will need) is allocated at once.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, max_cache_len: int = 0, **kwargs: Any) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self.length = 0
+        self.max_cache_len = max_cache_len
+        super().__init__()
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor | None) -> None:
+        # whole-tensor assignment (offload, reorder, batch selection): the tensor becomes the buffer
+        self._k = tensor
+        self.length = 0 if tensor is None else tensor.shape[-2]
+        if tensor is not None:
+            self.batch_size = tensor.shape[0]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
+
+    @values.setter
+    def values(self, tensor: torch.Tensor | None) -> None:
+        self._v = tensor
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[-2]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.batch_size = key_states.shape[0]
+        self._k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self._v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def _reserve(self, needed: int) -> None:
+        """Make room for `needed` tokens, keeping the filled part."""
+        if needed <= self.capacity:
+            return
+        if needed <= self.max_cache_len:
+            size = self.max_cache_len
+        else:
+            size = -(-max(needed, self.capacity * 3 // 2) // _CACHE_ROUND) * _CACHE_ROUND
+        k = self._k.new_empty((*self._k.shape[:2], size, self._k.shape[-1]))
+        v = self._v.new_empty((*self._v.shape[:2], size, self._v.shape[-1]))
+        k[:, :, : self.length].copy_(self._k[:, :, : self.length])
+        v[:, :, : self.length].copy_(self._v[:, :, : self.length])
+        self._k, self._v = k, v
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append [B, heads, Q, dim] states in place; returns views of everything cached."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        self._reserve(end)
+        self._k[:, :, start:end].copy_(key_states)
+        self._v[:, :, start:end].copy_(value_states)
+        self.length = end
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int, *args: Any) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last -tokens_to_remove tokens (a positive value is the length to keep)."""
+        keep = self.length + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
+        self.length = max(0, min(self.length, keep))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            values = self.values.repeat_interleave(repeats, dim=0)
+            self.keys, self.values = self.keys.repeat_interleave(repeats, dim=0), values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            values = self.values[indices]
+            self.keys, self.values = self.keys[indices], values
+
+
+class LatentCache(Cache):
+    """Cache of in-place `LatentCacheLayer`s, one per layer; the default cache of TransMLA models.
+
+    Nothing in it is specific to MLA: any model whose layers cache [B, heads, T, dim] keys and values can use it.
+    """
+
+    def __init__(self, config: Any = None, max_cache_len: int = 0, num_layers: int | None = None) -> None:
+        if num_layers is None and config is not None:
+            num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        if num_layers is None:
+            super().__init__(layer_class_to_replicate=partial(LatentCacheLayer, max_cache_len))
+        else:
+            super().__init__(layers=[LatentCacheLayer(max_cache_len) for _ in range(num_layers)])
 
 
 class TransMLARMSNorm(nn.Module):
@@ -43,11 +169,12 @@ class TransMLARMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(dtype)
+        # normalised in float32 at least; with a weight of the input's dtype one fused kernel applies the
+        # weight before the single rounding (Llama rounds, then multiplies: the same up to one rounding)
+        shape = (hidden_states.shape[-1],)
+        if self.weight.dtype == hidden_states.dtype:
+            return F.rms_norm(hidden_states, shape, self.weight, eps=self.variance_epsilon)
+        return self.weight * F.rms_norm(hidden_states, shape, eps=self.variance_epsilon)
 
 
 class TransMLAMLP(nn.Module):
@@ -90,6 +217,47 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+# Decoding rotates q_rope and k_rope by one small matmul each when D is at most this.
+ROTATION_MATRIX_MAX_DIM = 128
+
+
+def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[..., D, D] matrices M with `x @ M == apply_rotary(x, cos, sin)` for rows x."""
+    cos1, cos2 = cos.chunk(2, dim=-1)
+    sin1, sin2 = sin.chunk(2, dim=-1)
+    top = torch.cat((torch.diag_embed(cos1), torch.diag_embed(sin2)), dim=-1)  # rows p: x_p feeds p and p + D/2
+    bottom = torch.cat((torch.diag_embed(-sin1), torch.diag_embed(cos2)), dim=-1)
+    return torch.cat((top, bottom), dim=-2)
+
+
+class RopeTable:
+    """cos and sin of every layer's shared key, computed once per forward for all layers together.
+
+    Layers with the same frequencies share a row; `for_layers(...)[l]` gives layer l's (cos, sin, rotation),
+    cos and sin [B, Q, D]; for short query chunks also the rotation matrices [B, Q, D, D] (else None), which
+    rotate in one matmul what `apply_rotary` does in five elementwise kernels.
+    """
+
+    def __init__(self, inv_freq: list[list[float]], attention_scaling: float) -> None:
+        rows = list(dict.fromkeys(tuple(f) for f in inv_freq))
+        self.row_of_layer = [rows.index(tuple(f)) for f in inv_freq]
+        self.rows = [list(r) for r in rows]
+        self.attention_scaling = attention_scaling
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def for_layers(self, position_ids: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+        device = position_ids.device
+        if device not in self._inv_freq:
+            self._inv_freq[device] = torch.tensor(self.rows, dtype=torch.float32, device=device)
+        freqs = position_ids[None, ..., None].float() * self._inv_freq[device][:, None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+        rot = None
+        if position_ids.shape[-1] <= ABSORB_MAX_QUERY and cos.shape[-1] <= ROTATION_MATRIX_MAX_DIM:
+            rot = rotation_matrices(cos, sin)
+        return [(cos[r], sin[r], None if rot is None else rot[r]) for r in self.row_of_layer]
+
+
 class TransMLAAttention(nn.Module):
     """Latent attention of one layer; caches [latent (R) | rotated shared key (D)] per token."""
 
@@ -109,6 +277,7 @@ class TransMLAAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_groups * 2 * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.attention_out_bias)
         self.rotary = SharedRotary(config.rope_inv_freq[layer_idx], config.rope_attention_scaling)
+        self._per_head: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self,
@@ -117,6 +286,7 @@ class TransMLAAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         key_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        rope: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         bsz, q_len, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim + self.rope_dim)
@@ -124,9 +294,13 @@ class TransMLAAttention(nn.Module):
         q_nope, q_rope = q.split([self.head_dim, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_a_proj(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
 
-        cos, sin = self.rotary.cos_sin(position_ids, hidden_states.dtype)
-        q_rope = apply_rotary(q_rope, cos[:, None], sin[:, None])
-        k_rope = apply_rotary(k_rope, cos, sin)
+        cos, sin, rot = rope if rope is not None else (*self.rotary.cos_sin(position_ids, hidden_states.dtype), None)
+        if rot is None:
+            q_rope = apply_rotary(q_rope, cos[:, None], sin[:, None])
+            k_rope = apply_rotary(k_rope, cos, sin)
+        else:  # rows times [B, Q, D, D] rotations
+            q_rope = (q_rope.transpose(1, 2) @ rot).transpose(1, 2)
+            k_rope = (k_rope[:, :, None] @ rot)[:, :, 0]
         if cache is not None:
             latent, k_rope = cache.update(latent[:, None], k_rope[:, None], self.layer_idx)
             latent, k_rope = latent[:, 0], k_rope[:, 0]
@@ -146,6 +320,26 @@ class TransMLAAttention(nn.Module):
         """W_UK and W_UV, each [G, d, R]: views of kv_b_proj, no copy."""
         w = self.kv_b_proj.weight.view(self.num_groups, 2 * self.head_dim, self.kv_lora_rank)
         return w[:, : self.head_dim], w[:, self.head_dim :]
+
+    def _per_head_up_projections(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """W_UK and W_UV repeated for each query head, [H, d, R] each, kept while the weight is unchanged.
+
+        Used when no gradient is needed: then the absorbed projections are one batched matmul each over
+        head-strided views, with no reshuffling copies. None while gradients are being recorded.
+        """
+        w = self.kv_b_proj.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return None
+        try:
+            version = w._version
+        except RuntimeError:  # inference tensors keep no version counter
+            version = -1
+        key = (w.data_ptr(), version, w.dtype, w.device)
+        if self._per_head is None or self._per_head[0] != key:
+            repeats = self.num_heads // self.num_groups
+            w_uk, w_uv = (x.repeat_interleave(repeats, dim=0) for x in self._up_projections())
+            self._per_head = (key, w_uk, w_uv)
+        return self._per_head[1], self._per_head[2]
 
     def _expanded(
         self,
@@ -178,6 +372,15 @@ class TransMLAAttention(nn.Module):
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         bsz, _, q_len, _ = q_nope.shape
+        per_head = self._per_head_up_projections()
+        if per_head is not None:
+            w_uk, w_uv = per_head
+            heads = self.num_heads
+            q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(heads, bsz * q_len, self.head_dim), w_uk)
+            q_lat = q_lat.view(heads, bsz, q_len, -1).transpose(0, 1)
+            o_lat = mla_decode_attention(q_lat, q_rope, latent, k_rope, key_mask=key_mask, scale=self.scaling)
+            out = torch.bmm(o_lat.transpose(0, 1).reshape(heads, bsz * q_len, -1), w_uv.transpose(1, 2))
+            return out.view(heads, bsz, q_len, self.head_dim).transpose(0, 1)
         w_uk, w_uv = self._up_projections()
         grouped = q_nope.reshape(bsz, self.num_groups, -1, q_len, self.head_dim)
         # q_lat_h = W_UK_g^T q_nope_h: scores against the latent equal those against the expanded keys.
@@ -202,9 +405,12 @@ class TransMLADecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None,
         key_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        rope: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_ids, attention_mask, key_mask, cache)
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), position_ids, attention_mask, key_mask, cache, rope
+        )
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -233,11 +439,15 @@ def build_masks(
 
     Queries are the last Q of the T positions. Without padding the SDPA mask is None where SDPA's own causal
     mode (Q == T) or no mask at all (Q == 1) says the same. Every query may always see itself, so that padded
-    query rows stay finite; real queries never see padded keys.
+    query rows stay finite; real queries never see padded keys. While decoding (a few queries against a longer
+    cache) the mask is passed on unchecked, so that no step waits for the device to say whether it has padding.
     """
     key_mask = None
-    if attention_mask is not None and not bool(attention_mask[:, -kv_len:].all()):
-        key_mask = attention_mask[:, -kv_len:].to(device=device, dtype=torch.bool)
+    if attention_mask is not None:
+        mask = attention_mask[:, -kv_len:]
+        decoding = q_len <= ABSORB_MAX_QUERY and kv_len > q_len
+        if decoding or not bool(mask.all()):
+            key_mask = mask.to(device=device, dtype=torch.bool)
     if key_mask is None and (q_len == kv_len or q_len == 1):
         return None, None
     past = kv_len - q_len
@@ -256,6 +466,7 @@ class TransMLAModel(TransMLAPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(TransMLADecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = TransMLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rope = RopeTable(config.rope_inv_freq, config.rope_attention_scaling)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -277,7 +488,7 @@ class TransMLAModel(TransMLAPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:
-            cache = DynamicCache(config=self.config)
+            cache = LatentCache(config=self.config)
         bsz, q_len, _ = inputs_embeds.shape
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -286,9 +497,10 @@ class TransMLAModel(TransMLAPreTrainedModel):
             raise ValueError("TransMLA models take a 2D [batch, length] attention_mask")
         mask, key_mask = build_masks(attention_mask, bsz, q_len, past + q_len, inputs_embeds.device)
 
+        rope = self.rope.for_layers(position_ids, inputs_embeds.dtype)
         hidden_states = inputs_embeds
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_ids, mask, key_mask, cache)
+        for layer, layer_rope in zip(self.layers, rope):
+            hidden_states = layer(hidden_states, position_ids, mask, key_mask, cache, layer_rope)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache if use_cache else None})
 
@@ -331,3 +543,23 @@ class TransMLAForCausalLM(TransMLAPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+
+    def _prepare_cache_for_generation(
+        self,
+        generation_config: Any,
+        model_kwargs: dict,
+        generation_mode: Any,
+        batch_size: int,
+        max_cache_length: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        """As in transformers, but the default dynamic cache is a `LatentCache` sized for the whole generation."""
+        user_cache = any(model_kwargs.get(k) is not None for k in ("cache", "past_key_values"))
+        result = super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
+        )
+        for key in ("cache", "past_key_values"):
+            if not user_cache and type(model_kwargs.get(key)) is DynamicCache:
+                model_kwargs[key] = LatentCache(config=self.config, max_cache_len=max_cache_length)
+        return result
