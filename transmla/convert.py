@@ -15,7 +15,7 @@ from . import __version__
 from .errors import TransMLAError
 from .checks import check_output_location, check_source_tensors
 from .factorize import max_latent_rank, svd_latent
-from .io import ShardedSafetensorsWriter, TensorSource, atomic_output_dir, check_free_disk
+from .io import ShardedSafetensorsWriter, TensorSource, atomic_output_dir, check_free_disk, cleanup_stale_temp_dirs
 from .mla_layer import SourceAttention, assemble_layer, rotary_split
 from .modeling.configuration_transmla import TransMLAConfig
 from .rope import pair_blocks, plan_rope, source_rope
@@ -193,6 +193,7 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
     tensors = source.tensors
     check_output_location(out, source.folder if source.gguf_file is None else source.folder / source.gguf_file)
     check_source_tensors(tensors, source.config, source.name)
+    cleanup_stale_temp_dirs(out)  # a killed run's leftovers would otherwise count against the free space
     check_free_disk(out.parent if out.parent != Path("") else Path("."), estimate_output_bytes(tensors, dtype))
     with atomic_output_dir(out, overwrite=options.overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=options.max_shard_bytes)
@@ -215,6 +216,8 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
 
         for key in [k for k in other_keys if not k.startswith(("model.norm", "lm_head"))]:
             emit(key, tensors.get(key))
+        if hasattr(tensors, "close"):
+            tensors.close()  # unmap the embeddings' pages before the layers
         ranks, inv_freqs = [], []
         for layer in tqdm(range(geo.layers), desc="converting layers", disable=not progress):
             src, o_bias = read_attention(tensors, layer, geo)
