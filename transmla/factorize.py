@@ -48,10 +48,18 @@ def svd_latent(key: torch.Tensor, value: torch.Tensor, rank: int, key_scale: flo
         raise TransMLAError(f"--kv-lora-rank {rank} is out of range: this layer allows 1..{limit}")
     a = balance_scale(key, value) if key_scale is None else key_scale
     stacked = torch.cat([a * key, value])
-    u, _, _ = torch.linalg.svd(stacked, full_matrices=False)
-    u = fix_signs(u[:, :rank])
+    u = fix_signs(left_singular_vectors(stacked)[:, :rank])
     down = u.T @ stacked
     return LatentFactors(down=down, up_key=u[: key.shape[0]] / a, up_value=u[key.shape[0] :])
+
+
+def left_singular_vectors(matrix: torch.Tensor) -> torch.Tensor:
+    """U of the SVD, columns by decreasing singular value. For a wide matrix the eigenvectors of the small Gram
+    matrix M M^T are the same vectors and several times cheaper to get than a full SVD."""
+    if matrix.shape[0] <= matrix.shape[1]:
+        _, vectors = torch.linalg.eigh(matrix @ matrix.T)
+        return vectors.flip(-1)
+    return torch.linalg.svd(matrix, full_matrices=False)[0]
 
 
 def fix_signs(u: torch.Tensor) -> torch.Tensor:
