@@ -79,6 +79,7 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out folder."),
     heal_tokens: Optional[str] = typer.Option(None, "--heal-tokens", help="Then heal with this many training tokens (e.g. 2M); see `transmla heal`."),
     heal_data: Optional[str] = typer.Option(None, "--heal-data", help="Healing text: a text file, a dataset name (wikitext2, c4, owner/name), or self-distill."),
+    rope_per_frequency: bool = typer.Option(False, "--rope-per-frequency", help="Keep one rotary component of each of the D/2 fastest frequencies, so that `transmla export --format deepseek` can express the checkpoint (implied by --format deepseek)."),
     export_format: str = typer.Option("ours", "--format", help="ours (the transmla format) or deepseek (stock DeepSeek-V3 for vLLM, SGLang and transformers; one rotary component per frequency; see docs/serving.md)."),
 ) -> None:
     """Convert MODEL to latent attention and write a checkpoint that transformers loads."""
@@ -96,6 +97,7 @@ def convert(
     options = ConvertOptions(
         kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, method=method, dtype=dtype, device=resolve_device(device),
         rope_context=rope_context, max_shard_bytes=int(max_shard_size * 2**30), overwrite=overwrite,
+        rope_per_frequency=rope_per_frequency if recipe is None else merged["rope_per_frequency"],
     )
     if recipe is not None:
         export_format = merged["export_format"]
@@ -152,7 +154,9 @@ def export(
     calib_text: Optional[Path] = typer.Option(None, "--calib-text", help="UTF-8 text for --latent-norm calibrated."),
     calib_windows: int = typer.Option(8, "--calib-windows", help="Calibration windows."),
     calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per calibration window."),
+    device: str = typer.Option("auto", "--device", help="Where calibration runs: cpu, cuda, auto."),
     rope_interleave: bool = typer.Option(True, "--rope-interleave/--no-rope-interleave", help="Interleaved rotary pairs, as DeepSeek's checkpoints, vLLM and SGLang expect."),
+    kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Pad the latent with zero channels to this width (exact; e.g. 512, which the fastest MLA kernels need)."),
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the folder's), float32, bfloat16, float16."),
     max_shard_size: float = typer.Option(5.0, "--max-shard-size", help="Largest output shard, in GiB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out folder."),
@@ -162,8 +166,9 @@ def export(
 
     check_export_format(export_format)
     options = ExportOptions(
-        latent_norm=latent_norm, rope_interleave=rope_interleave, dtype=dtype,
+        latent_norm=latent_norm, rope_interleave=rope_interleave, dtype=dtype, kv_lora_rank=kv_lora_rank,
         calib_text=str(calib_text) if calib_text else None, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
+        device=resolve_device(device),
         max_shard_bytes=int(max_shard_size * 2**30), overwrite=overwrite,
     )
     print_export_report(export_deepseek(folder, out, options))

@@ -95,17 +95,25 @@ def plan_rope(
     inv_freq: torch.Tensor,
     rope_dim: int,
     context: int = 4096,
+    per_frequency: bool = False,
 ) -> RopePlan:
     """Choose U_i and the D/2 kept components.
 
     key_cov: [d/2, G, G] key energy per frequency; query_energy: [d/2, G] query energy of the heads reading
-    each key head at frequency i (summed over heads and pair dims).
+    each key head at frequency i (summed over heads and pair dims). `per_frequency` keeps the best component of
+    each of the D/2 fastest frequencies instead, so the kept frequencies are the standard theta^(-2p/D) with
+    theta' = theta^(D/d) (the source's own at D = d), as stock DeepSeek rotary code computes them.
     """
     rotations, energy = key_rotations(key_cov)
     # Query energy seen by component j: sum_g U_i[j, g]^2 Q_i[g].
     q_seen = torch.einsum("ijg,ig->ij", rotations**2, query_energy)
     cost = energy * q_seen * drop_cost_weight(inv_freq, context)[:, None]
     n_freq, groups = energy.shape
+    if per_frequency:
+        if rope_dim // 2 > n_freq:
+            raise ValueError(f"per-frequency selection keeps at most {n_freq} frequencies, not {rope_dim // 2}")
+        kept = [(i, int(torch.argmax(cost[i]))) for i in range(rope_dim // 2)]
+        return RopePlan(rotations=rotations, kept=kept, inv_freq=inv_freq)
     # Break ties by frequency then component, so equal costs (e.g. zero weights) give a stable choice.
     order = sorted(range(n_freq * groups), key=lambda k: (-float(cost.flatten()[k]), k))
     kept = sorted((k // groups, k % groups) for k in order[: rope_dim // 2])
