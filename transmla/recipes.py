@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import click
 import yaml
-from click.core import ParameterSource
 
 from .errors import TransMLAError
 
@@ -25,25 +23,27 @@ def load_recipe(path: Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items() if k != "description"}
 
 
-def validate_recipe(command: click.Command, recipe: dict[str, Any], path: Path) -> dict[str, Any]:
+def validate_recipe(command: Any, recipe: dict[str, Any], path: Path) -> dict[str, Any]:
     """Check every key against the command's options and convert each value with the option's own type."""
-    params = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    params = {p.name: p for p in command.params if p.param_type_name == "option"}
+    context = command.context_class(command)
     values = {}
     for key, value in recipe.items():
         if key not in params or key == "recipe":
             raise TransMLAError(f"recipe {path}: unknown option {key!r}; see transmla convert --help")
         try:
-            values[key] = params[key].type_cast_value(click.Context(command), value)
-        except click.BadParameter as exc:
-            raise TransMLAError(f"recipe {path}: bad value for {key}: {exc.message}") from exc
+            values[key] = params[key].process_value(context, value)
+        except Exception as exc:  # the CLI library's BadParameter
+            raise TransMLAError(f"recipe {path}: bad value for {key}: {getattr(exc, 'message', exc)}") from exc
     return values
 
 
-def apply_recipe(ctx: click.Context, path: Path, given: dict[str, Any]) -> dict[str, Any]:
+def apply_recipe(ctx: Any, path: Path, given: dict[str, Any]) -> dict[str, Any]:
     """`given` (the command's arguments) with the recipe's values wherever no flag was typed."""
     recipe = validate_recipe(ctx.command, load_recipe(path), path)
     merged = dict(given)
     for key, value in recipe.items():
-        if ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
+        source = ctx.get_parameter_source(key)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
             merged[key] = value
     return merged
