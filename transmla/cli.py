@@ -71,7 +71,7 @@ def convert(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML file of convert options (recipes/); flags given here override it."),
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Latent width R cached per token and layer [default: half the source's KV cache minus the RoPE key]."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the decoupled RoPE key shared by all heads (even) [default: 64, or all key dims if fewer]."),
-    method: str = typer.Option("svd", "--method", help="Factorisation: svd (weights only, no data)."),
+    method: str = typer.Option("svd", "--method", help="Factorisation: svd (weights only, no data); pca (TransMLA's balanced-KV PCA of calibration activations); whiten (covariance-aware: score and output errors on calibration data)."),
     rope_context: int = typer.Option(4096, "--rope-context", help="Context length over which dropping a frequency's rotation is costed."),
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the source's), float32, bfloat16, float16."),
     device: str = typer.Option("auto", "--device", help="Where the math runs: cpu, cuda, auto."),
@@ -80,6 +80,14 @@ def convert(
     heal_tokens: Optional[str] = typer.Option(None, "--heal-tokens", help="Then heal with this many training tokens (e.g. 2M); see `transmla heal`."),
     heal_data: Optional[str] = typer.Option(None, "--heal-data", help="Healing text: a text file, a dataset name (wikitext2, c4, owner/name), or self-distill."),
     rope_per_frequency: bool = typer.Option(False, "--rope-per-frequency", help="Keep one rotary component of each of the D/2 fastest frequencies, so that `transmla export --format deepseek` can express the checkpoint (implied by --format deepseek)."),
+    calib_file: Optional[Path] = typer.Option(None, "--calib-file", help="Calibration text (UTF-8) for --method pca/whiten."),
+    calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="Calibration text from a dataset (wikitext2, c4; validation split)."),
+    calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration sequences."),
+    calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per calibration sequence."),
+    rope_select: str = typer.Option("rotate", "--rope-select", help="Rotary key: rotate (per-frequency head mixing), norm (MHA2MLA 2-norm), high-freq, uniform."),
+    freqfold: str = typer.Option("1", "--freqfold", help="Fold N adjacent frequencies into one mixing (rotate), or auto (per layer, on the calibration loss)."),
+    rank_allocation: str = typer.Option("uniform", "--rank-allocation", help="uniform, or energy: the same total latent width spread over layers by water-filling."),
+    kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Fraction of the source's KV cache to keep (e.g. 0.5): picks R per layer and D (unless --rope-dim) on the calibration loss."),
     export_format: str = typer.Option("ours", "--format", help="ours (the transmla format) or deepseek (stock DeepSeek-V3 for vLLM, SGLang and transformers; one rotary component per frequency; see docs/serving.md)."),
 ) -> None:
     """Convert MODEL to latent attention and write a checkpoint that transformers loads."""
@@ -98,6 +106,7 @@ def convert(
         kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, method=method, dtype=dtype, device=resolve_device(device),
         rope_context=rope_context, max_shard_bytes=int(max_shard_size * 2**30), overwrite=overwrite,
         rope_per_frequency=rope_per_frequency if recipe is None else merged["rope_per_frequency"],
+        **calibration_options(locals() if recipe is None else merged),
     )
     if recipe is not None:
         export_format = merged["export_format"]
@@ -111,6 +120,20 @@ def convert(
         return
     path = run_convert(model, out, options)
     console.print(f"wrote {path}")
+
+
+def calibration_options(values: dict) -> dict:
+    """The calibrated-conversion fields of ConvertOptions from the command's (or the recipe's) values."""
+    fold = str(values["freqfold"])
+    if fold != "auto" and not fold.isdigit():
+        raise TransMLAError(f"--freqfold {fold!r} must be a positive integer or auto")
+    calib_file = values["calib_file"]
+    return {
+        "calib_file": None if calib_file is None else str(calib_file), "calib_dataset": values["calib_dataset"],
+        "calib_samples": values["calib_samples"], "calib_seq_len": values["calib_seq_len"],
+        "rope_select": values["rope_select"], "freqfold": fold if fold == "auto" else int(fold),
+        "rank_allocation": values["rank_allocation"], "kv_budget": values["kv_budget"],
+    }
 
 
 def check_export_format(name: str) -> None:

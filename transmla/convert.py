@@ -15,6 +15,7 @@ from . import __version__
 from .errors import TransMLAError
 from .checks import check_output_location, check_source_tensors
 from .factorize import max_latent_rank, svd_latent
+from .layerwise import METHODS, LayerStream
 from .io import ShardedSafetensorsWriter, TensorSource, atomic_output_dir, check_free_disk, cleanup_stale_temp_dirs
 from .mla_layer import SourceAttention, assemble_layer, rotary_split
 from .modeling.configuration_transmla import TransMLAConfig
@@ -37,6 +38,19 @@ class ConvertOptions:
     device: str = "cpu"
     rope_context: int = 4096
     rope_per_frequency: bool = False  # one rotary component per frequency: exportable to stock DeepSeek code
+    # Calibrated conversion (--method pca|whiten): text, rotary selection, budget; see transmla.layerwise.
+    calib_file: str | None = None
+    calib_dataset: str | None = None
+    calib_samples: int = 64
+    calib_seq_len: int = 512
+    calib_seed: int = 0
+    rope_select: str = "rotate"  # rotate | norm | high-freq | uniform
+    freqfold: int | str = 1  # or "auto": per layer, on the calibration loss
+    rank_allocation: str = "uniform"  # uniform | energy
+    kv_budget: float | None = None  # fraction of the source's KV cache; picks R (per layer) and D
+    query_shrink: bool = True  # calibrated: dropped rotations replaced by their attention-weighted average
+    score_weight: float = 10.0  # whiten: weight of score errors against output errors
+    refit_values: bool = True  # whiten: least-squares value up-projection under the converted attention
     max_shard_bytes: int = 5 * 2**30
     overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -174,6 +188,7 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
     out = Path(out)
     source = open_source(spec)
     geo = Geometry.of(source.config)
+    fixed_rope_dim = options.rope_dim
     if options.rope_dim is None:
         default = geo.default_rope_dim()
         options = replace(options, rope_dim=min(default, geo.head_dim) if options.rope_per_frequency else default)
@@ -181,8 +196,14 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
         raise TransMLAError(f"--rope-dim {options.rope_dim} is too wide for one component per frequency: use at most {geo.head_dim} (the head width)")
     rank = options.kv_lora_rank or geo.default_rank(options.rope_dim)
     geo.check(rank, options.rope_dim)
-    if options.method != "svd":
-        raise TransMLAError(f"--method {options.method!r} is not available; use svd")
+    if options.method not in METHODS:
+        raise TransMLAError(f"--method {options.method!r} is not one of {', '.join(METHODS)}")
+    if options.kv_budget is not None and options.kv_lora_rank is not None:
+        raise TransMLAError("--kv-budget chooses the latent width itself: leave out --kv-lora-rank (or --kv-budget)")
+    stream = None
+    if options.method != "svd" or options.kv_budget is not None or options.rank_allocation != "uniform" \
+            or options.rope_select != "rotate" or str(options.freqfold) != "1":
+        stream = LayerStream(source, geo, options, *source_rope(source.config), read_attention, progress)
     if getattr(source.config, "sliding_window", None) and getattr(source.config, "use_sliding_window", True):
         tqdm.write(f"note: the source uses a sliding window of {source.config.sliding_window}; the converted model attends to the whole context")
     dtype = output_dtype(options, source.config)
@@ -195,6 +216,10 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
     check_source_tensors(tensors, source.config, source.name)
     cleanup_stale_temp_dirs(out)  # a killed run's leftovers would otherwise count against the free space
     check_free_disk(out.parent if out.parent != Path("") else Path("."), estimate_output_bytes(tensors, dtype))
+    if stream is not None:
+        sizes = stream.sizes(fixed_rope_dim if options.kv_budget is not None else options.rope_dim,
+                             None if options.kv_budget is not None else rank)
+        options = replace(options, rope_dim=sizes.rope_dim, extra={**options.extra, **stream.record(sizes)})
     with atomic_output_dir(out, overwrite=options.overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=options.max_shard_bytes)
         written: set[str] = set()
@@ -219,12 +244,18 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
         if hasattr(tensors, "close"):
             tensors.close()  # unmap the embeddings' pages before the layers
         ranks, inv_freqs = [], []
-        for layer in tqdm(range(geo.layers), desc="converting layers", disable=not progress):
-            src, o_bias = read_attention(tensors, layer, geo)
-            converted, layer_freq = convert_attention(
-                SourceAttention(**{k: (v.to(options.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(src).items()}),
-                inv_freq.to(options.device), scaling, rank, options,
-            )
+        layers = stream.layers(sizes) if stream is not None else range(geo.layers)
+        for item in (layers if stream is not None else tqdm(layers, desc="converting layers", disable=not progress)):
+            if stream is not None:
+                layer, converted, layer_freq = item
+                rank, o_bias = sizes.ranks[layer], read_attention(tensors, layer, geo)[1]
+            else:
+                layer = item
+                src, o_bias = read_attention(tensors, layer, geo)
+                converted, layer_freq = convert_attention(
+                    SourceAttention(**{k: (v.to(options.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(src).items()}),
+                    inv_freq.to(options.device), scaling, rank, options,
+                )
             if o_bias is not None:
                 converted["o_proj.bias"] = converted.get("o_proj.bias", 0) + o_bias.to(options.device)
             prefix = f"model.layers.{layer}.self_attn."

@@ -1,0 +1,165 @@
+"""Calibrated conversion (pca / whiten), rotary selections, per-layer ranks and KV budgets on tiny random models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tiny import byte_tokenizer, save_source
+from transmla.calibrate import LayerwiseRunner
+from transmla.calibrated import LayerSettings, convert_layer
+from transmla.convert import ConvertOptions, Geometry, convert, read_attention
+from transmla.data import calibration_windows
+from transmla.rope import source_rope
+from transmla.source import open_source
+
+TEXT = (
+    "Multi-head latent attention caches one small latent per token. The quick brown fox jumps over the lazy dog, "
+    "and the five boxing wizards jump quickly. Sphinx of black quartz, judge my vow! 0123456789 ... "
+) * 12
+SEQ = 48
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
+    root = tmp_path_factory.mktemp("sources")
+    return {kind: (root / kind, save_source(kind, root / kind)) for kind in ("llama-gqa", "qwen2")}
+
+
+def calibrated(calib_file: Path, **kwargs) -> ConvertOptions:
+    return ConvertOptions(dtype="float32", calib_file=str(calib_file), calib_samples=6, calib_seq_len=SEQ, **kwargs)
+
+
+def load(folder: Path):
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+
+
+def batch(seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 256, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2"])
+@pytest.mark.parametrize("method", ["pca", "whiten"])
+def test_full_rank_is_exact(sources, calib_file, tmp_path, kind, method):
+    folder, source = sources[kind]
+    cfg = source.config
+    full = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    options = calibrated(calib_file, method=method, rope_dim=full, kv_lora_rank=full)
+    model = load(convert(str(folder), tmp_path / "mla", options, progress=False))
+    ids = batch()
+    with torch.no_grad():
+        assert (model(ids).logits - source(ids).logits).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2"])
+def test_kv_budget_of_everything_is_exact(sources, calib_file, tmp_path, kind):
+    folder, source = sources[kind]
+    model = load(convert(str(folder), tmp_path / "mla", calibrated(calib_file, method="whiten", kv_budget=1.0), progress=False))
+    cfg = source.config
+    assert model.config.qk_rope_head_dim == cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    ids = batch()
+    with torch.no_grad():
+        assert (model(ids).logits - source(ids).logits).abs().max().item() <= 1e-3
+
+
+def layer_losses(folder: Path, calib_file: Path, rank: int, rope_dim: int) -> dict[str, float]:
+    """Each method's calibration loss (attention-output error) on layer 0 at one low rank."""
+    source = open_source(str(folder))
+    geo = Geometry.of(source.config)
+    inv_freq, scaling = source_rope(source.config)
+    ids = calibration_windows(byte_tokenizer(), calib_file.read_text(), SEQ, 6)
+    runner = LayerwiseRunner(source.tensors, source.config, ids, inv_freq, scaling)
+    src, o_bias = read_attention(source.tensors, 0, geo)
+    stats = runner.statistics(0, src)
+    losses = {}
+    for method in ("svd", "pca", "whiten"):
+        settings = LayerSettings(method=method, shrink=method != "svd")
+        out, freqs = convert_layer(src, None if method == "svd" else stats, inv_freq, scaling, rank, rope_dim, settings)
+        losses[method] = runner.attention_error(0, src, o_bias, out, rank, freqs)
+    return losses
+
+
+def test_whiten_beats_svd_and_pca_on_the_calibration_loss(sources, calib_file):
+    losses = layer_losses(sources["llama-gqa"][0], calib_file, rank=8, rope_dim=8)
+    assert losses["whiten"] < 0.8 * losses["svd"]
+    assert losses["whiten"] < losses["pca"]
+
+
+def test_energy_allocation_gives_per_layer_ranks_that_load_and_run(sources, calib_file, tmp_path):
+    folder, _ = sources["llama-gqa"]
+    options = calibrated(calib_file, method="whiten", kv_lora_rank=12, rope_dim=8, rank_allocation="energy")
+    model = load(convert(str(folder), tmp_path / "mla", options, progress=False))
+    ranks = model.config.kv_lora_rank
+    assert sum(ranks) == 12 * len(ranks) and len(set(ranks)) > 1
+    out = model.generate(batch()[:, :10], max_new_tokens=5, do_sample=False)
+    assert out.shape == (2, 15)
+
+
+@pytest.mark.parametrize("select,fold", [("norm", 1), ("high-freq", 1), ("uniform", 1), ("rotate", 2), ("rotate", "auto")])
+def test_rope_selections_give_valid_models(sources, calib_file, tmp_path, select, fold):
+    folder, source = sources["qwen2"]
+    options = calibrated(calib_file, method="pca", kv_lora_rank=16, rope_dim=10, rope_select=select, freqfold=fold)
+    model = load(convert(str(folder), tmp_path / "mla", options, progress=False))
+    assert model.config.qk_rope_head_dim == 10
+    ids = batch()
+    with torch.no_grad():
+        logits, expected = model(ids).logits, source(ids).logits
+    assert torch.isfinite(logits).all()
+    # A lossy model, but still close to its source on random tokens.
+    assert torch.nn.functional.kl_div(logits.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="batchmean") < 1.0
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5])
+def test_kv_budget_picks_sizes_within_budget(sources, calib_file, tmp_path, budget):
+    folder, source = sources["llama-gqa"]
+    model = load(convert(str(folder), tmp_path / "mla", calibrated(calib_file, method="whiten", kv_budget=budget, rank_allocation="energy"), progress=False))
+    cfg = model.config
+    per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim
+    used = sum(r + cfg.qk_rope_head_dim for r in cfg.kv_lora_rank)
+    assert used <= budget * per_layer * cfg.num_hidden_layers
+    assert used >= budget * per_layer * cfg.num_hidden_layers - cfg.num_hidden_layers
+    assert "kv_budget_split" in cfg.conversion
+
+
+def test_kv_budget_with_fixed_rope_dim(sources, calib_file, tmp_path):
+    folder, _ = sources["llama-gqa"]
+    model = load(convert(str(folder), tmp_path / "mla", calibrated(calib_file, method="pca", kv_budget=0.5, rope_dim=8), progress=False))
+    assert model.config.qk_rope_head_dim == 8
+    assert model.config.kv_lora_rank == [24] * model.config.num_hidden_layers  # 0.5 * 64 - 8
+
+
+def test_layerwise_driver_keeps_one_layer_and_feeds_converted_layers(sources, calib_file, tmp_path):
+    """The driver's hidden states after the last layer are the converted model's, and it holds one layer's states."""
+    from transmla.layerwise import LayerStream
+
+    folder, _ = sources["llama-gqa"]
+    options = calibrated(calib_file, method="whiten", kv_lora_rank=10, rope_dim=8)
+    source = open_source(str(folder))
+    geo = Geometry.of(source.config)
+    stream = LayerStream(source, geo, options, *source_rope(source.config), read_attention, progress=False)
+    sizes = stream.sizes(8, 10)
+    runners = []
+    original = stream._runner
+    stream._runner = lambda: runners.append(original()) or runners[-1]
+    layers = list(stream.layers(sizes))
+    runner = runners[0]
+    states = [t for t in vars(runner).values() if isinstance(t, torch.Tensor) and t.dim() == 3]
+    assert len(states) == 1 and states[0].shape == (options.calib_samples, SEQ, geo.hidden)
+
+    model = load(convert(str(folder), tmp_path / "mla", options, progress=False))
+    captured = []
+    model.model.layers[-1].register_forward_hook(lambda m, a, out: captured.append(out))
+    with torch.no_grad():
+        model(stream.ids, use_cache=False)
+    assert len(layers) == geo.layers
+    assert torch.allclose(captured[0], runner.hidden, atol=1e-4, rtol=1e-4)

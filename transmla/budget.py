@@ -1,0 +1,77 @@
+"""Spreading a KV-cache budget over layers and between the latent (R) and the rotary key (D).
+
+For a layer and a rotary width D, the covariance-aware SVD (`whiten`) of the position-free keys and the values
+has squared singular values sigma_1^2 >= sigma_2^2 >= ...: keeping rank R leaves a loss of sum_{k > R}
+sigma_k^2, and dropping rotary components costs their summed drop cost (`rope_select`), both in the same units
+(weighted squared attention-output error per token). With D fixed, the ranks that minimise the summed loss under
+sum_l R_l = L * R are the globally largest sigma^2 (each layer's list is sorted): water-filling. `--kv-budget`
+also tries every D on a grid and keeps the one with the least total loss; at D = G*d and R = G*d (100% of the
+source's cache) both losses are zero, so that split is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TransMLAError
+
+
+@dataclass
+class LayerSpectrum:
+    """One layer's loss curves: per candidate D, the rotary loss and the latent's squared singular values."""
+
+    rope_loss: dict[int, float]
+    sigma2: dict[int, torch.Tensor]  # descending, length = the largest useful rank for that D
+    scale: float = 1.0  # the layer's losses are divided by this (e.g. its residual-stream energy)
+
+    def latent_loss(self, rope_dim: int, rank: int) -> float:
+        return float(self.sigma2[rope_dim][rank:].sum()) / self.scale
+
+    def max_rank(self, rope_dim: int) -> int:
+        return int(self.sigma2[rope_dim].numel())
+
+
+def allocate_ranks(spectra: list[LayerSpectrum], rope_dim: int, total_rank: int, min_rank: int = 1) -> list[int]:
+    """Per-layer ranks summing to `total_rank` (capped by each layer's useful maximum) by water-filling."""
+    caps = [s.max_rank(rope_dim) for s in spectra]
+    if total_rank < min_rank * len(spectra):
+        raise TransMLAError(f"a total latent width of {total_rank} can not give every layer {min_rank}")
+    total_rank = min(total_rank, sum(caps))
+    ranks = [min(min_rank, c) for c in caps]
+    gains = []
+    for layer, s in enumerate(spectra):
+        values = (s.sigma2[rope_dim] / s.scale).tolist()
+        gains += [(v, layer, k) for k, v in enumerate(values) if k >= ranks[layer]]
+    gains.sort(key=lambda g: (-g[0], g[1], g[2]))
+    for _, layer, _ in gains[: total_rank - sum(ranks)]:
+        ranks[layer] += 1
+    return ranks
+
+
+def total_loss(spectra: list[LayerSpectrum], rope_dim: int, ranks: list[int]) -> float:
+    return sum(s.rope_loss[rope_dim] / s.scale + s.latent_loss(rope_dim, r) for s, r in zip(spectra, ranks))
+
+
+def choose_split(spectra: list[LayerSpectrum], values_per_layer: int, candidates: list[int],
+                 allocation: str = "energy") -> tuple[int, list[int], dict[int, float]]:
+    """(D, per-layer R, loss per candidate D) for `values_per_layer` cached values per layer on average."""
+    losses: dict[int, float] = {}
+    best: tuple[float, int, list[int]] | None = None
+    layers = len(spectra)
+    for rope_dim in sorted(candidates, reverse=True):
+        rank = values_per_layer - rope_dim
+        if rank < 1:
+            continue
+        if allocation == "energy":
+            ranks = allocate_ranks(spectra, rope_dim, rank * layers)
+        else:
+            ranks = [min(rank, s.max_rank(rope_dim)) for s in spectra]
+        losses[rope_dim] = total_loss(spectra, rope_dim, ranks)
+        # Larger D first: on a tie (e.g. both exact) the wider rotary key wins.
+        if best is None or losses[rope_dim] < best[0] * (1 - 1e-9):
+            best = (losses[rope_dim], rope_dim, ranks)
+    if best is None:
+        raise TransMLAError(f"a budget of {values_per_layer} values per token and layer leaves no room for a latent")
+    return best[1], best[2], losses

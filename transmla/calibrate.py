@@ -1,0 +1,335 @@
+"""Layer-by-layer calibration: run calibration tokens through the model one decoder layer at a time.
+
+Layer l is converted from statistics of its inputs as produced by the already converted layers 0..l-1, so that
+their errors are seen, not compounded blindly. Only the current layer's hidden states are kept ([N, T, hidden],
+float32); statistics are accumulated in float64 on the driver's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .io import TensorSource
+from .mla_layer import SourceAttention
+
+
+@dataclass
+class LayerStats:
+    """Moments of one attention layer's input x (after input_layernorm) over the calibration tokens.
+
+    shrink[h, i] = (E_p cos(Delta theta_i), E_p sin(Delta theta_i)) under head h's attention weights p;
+    value_mean / value_second: moments of the attention-averaged input xbar_h(t) = sum_s p_h(t, s) x(s).
+    """
+
+    tokens: int
+    mean: torch.Tensor  # [h]
+    second: torch.Tensor  # [h, h], E[x x^T]
+    shrink: torch.Tensor  # [H, d/2, 2]
+    value_mean: torch.Tensor  # [H, h]
+    value_second: torch.Tensor  # [H, h, h]
+    attended_second: torch.Tensor  # [H, h, h]: E_t sum_s p_h(t, s) x_s x_s^T
+
+    @property
+    def cov(self) -> torch.Tensor:
+        return self.second - torch.outer(self.mean, self.mean)
+
+    def value_cov(self) -> torch.Tensor:
+        return self.value_second - torch.einsum("hx,hy->hxy", self.value_mean, self.value_mean)
+
+    def within_cov(self) -> torch.Tensor:
+        """[H, h, h]: E_t sum_s p(t, s) (x_s - xbar_t)(x_s - xbar_t)^T, the spread of the keys a query attends."""
+        return self.attended_second - self.value_second
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope_tables(inv_freq: torch.Tensor, length: int, scaling: float, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, d] in the rotate-half layout."""
+    t = torch.arange(length, device=device, dtype=torch.float64)
+    freqs = t[:, None] * inv_freq.to(device=device, dtype=torch.float64)[None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return (emb.cos() * scaling).float(), (emb.sin() * scaling).float()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def source_attention_probs(src: SourceAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of the source layer on x [B, T, h]: probabilities [B, H, T, T] and per-head output
+    before o_proj [B, T, H*d] (float32)."""
+    bsz, length, _ = x.shape
+    d, heads, groups = src.head_dim, src.heads, src.groups
+
+    def proj(w: torch.Tensor, b: torch.Tensor | None, n: int) -> torch.Tensor:
+        y = F.linear(x, w.float(), None if b is None else b.float())
+        return y.view(bsz, length, n, d).transpose(1, 2)
+
+    q = rotate(proj(src.q, src.q_bias, heads), cos, sin)
+    k = rotate(proj(src.k, src.k_bias, groups), cos, sin)
+    v = proj(src.v, src.v_bias, groups)
+    rep = heads // groups
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * d**-0.5
+    mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    out = (probs @ v).transpose(1, 2).reshape(bsz, length, heads * d)
+    return probs, out
+
+
+class LayerwiseRunner:
+    """Holds the hidden states entering one decoder layer and advances them through converted layers."""
+
+    def __init__(self, tensors: TensorSource, config: Any, input_ids: torch.LongTensor, inv_freq: torch.Tensor,
+                 scaling: float, device: str | torch.device = "cpu", chunk_tokens: int = 4096) -> None:
+        self.tensors, self.config, self.device = tensors, config, torch.device(device)
+        self.inv_freq, self.scaling = inv_freq, scaling
+        self.eps = float(config.rms_norm_eps)
+        embed = tensors.get("model.embed_tokens.weight", torch.float32).to(self.device)
+        self.hidden = embed[input_ids.to(self.device)]  # [N, T, h]
+        self.samples, self.length = input_ids.shape
+        self.batch = max(1, chunk_tokens // self.length)
+        self.cos, self.sin = rope_tables(inv_freq, self.length, scaling, self.device)
+
+    def norm_weight(self, layer: int, name: str = "input_layernorm") -> torch.Tensor:
+        return self.tensors.get(f"model.layers.{layer}.{name}.weight", torch.float32).to(self.device)
+
+    def chunks(self, layer: int, limit: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(sample slice, normalised attention input x [B, T, h]) over the calibration batch."""
+        weight = self.norm_weight(layer)
+        stop = self.samples if limit is None else min(limit, self.samples)
+        for start in range(0, stop, self.batch):
+            rows = slice(start, min(start + self.batch, stop))
+            yield rows, rms_norm(self.hidden[rows], weight, self.eps)
+
+    @torch.no_grad()
+    def statistics(self, layer: int, src: SourceAttention) -> LayerStats:
+        """Input moments, the attention-distance rotation averages and the attention-averaged input moments."""
+        h, heads, half = src.k.shape[1], src.heads, src.head_dim // 2
+        dev, f64 = self.device, torch.float64
+        src32 = _to(src, torch.float32, dev)
+        total = torch.zeros(h, dtype=f64, device=dev)
+        second = torch.zeros(h, h, dtype=f64, device=dev)
+        vmean = torch.zeros(heads, h, dtype=f64, device=dev)
+        vsecond = torch.zeros(heads, h, h, dtype=f64, device=dev)
+        asecond = torch.zeros(heads, h, h, dtype=f64, device=dev)
+        rot = torch.zeros(heads, half, 2, dtype=f64, device=dev)
+        cs = torch.cat([self.cos[:, :half], self.sin[:, :half]], dim=-1) / self.scaling  # [T, 2F]: cos, sin of s*theta
+        cos_t, sin_t = cs[:, :half], cs[:, half:]
+        count = 0
+        for _, x in self.chunks(layer):
+            probs, _ = source_attention_probs(src32, x, self.cos, self.sin)
+            flat = x.reshape(-1, h).to(f64)
+            total += flat.sum(0)
+            second += flat.T @ flat
+            a = probs @ cs  # [B, H, T, 2F]: sum_s p cos(s theta), sum_s p sin(s theta)
+            ac, asn = a[..., :half], a[..., half:]
+            rot[..., 0] += (cos_t * ac + sin_t * asn).sum(dim=(0, 2)).to(f64)
+            rot[..., 1] += (sin_t * ac - cos_t * asn).sum(dim=(0, 2)).to(f64)
+            xbar = (probs @ x[:, None]).to(f64)  # [B, H, T, h]
+            vmean += xbar.sum(dim=(0, 2))
+            xb = xbar.transpose(0, 1).reshape(heads, -1, h)
+            vsecond += xb.transpose(1, 2) @ xb
+            received = probs.sum(2).to(f64)  # [B, H, T]: attention each key receives
+            xs = x.to(f64)
+            asecond += torch.einsum("bht,btx,bty->hxy", received, xs, xs)
+            count += flat.shape[0]
+        return LayerStats(count, total / count, second / count, rot / count, vmean / count, vsecond / count,
+                          asecond / count)
+
+    @torch.no_grad()
+    def advance(self, layer: int, attention: dict[str, torch.Tensor], rank: int, rope_inv_freq: list[float]) -> None:
+        """Run the converted layer l (new attention tensors + the source's norms and MLP) on the hidden states."""
+        module = self.converted_layer(layer, attention, rank, rope_inv_freq)
+        for rows, _ in self.chunks(layer):
+            self.hidden[rows] = self._run(module, self.hidden[rows])
+
+    @torch.no_grad()
+    def attention_error(self, layer: int, src: SourceAttention, o_bias: torch.Tensor | None,
+                        attention: dict[str, torch.Tensor], rank: int, rope_inv_freq: list[float],
+                        samples: int | None = None) -> float:
+        """Mean squared difference between the source's and a converted attention's outputs (after o_proj) on
+        the current inputs of the first `samples` calibration sequences: the layer's local calibration loss."""
+        module = self.converted_layer(layer, attention, rank, rope_inv_freq).self_attn
+        src32 = _to(src, torch.float32, self.device)
+        from .modeling.modeling_transmla import build_masks
+
+        total, count = 0.0, 0
+        for _, x in self.chunks(layer, samples):
+            _, out = source_attention_probs(src32, x, self.cos, self.sin)
+            ref = F.linear(out, src32.o, None)
+            bsz, length, _ = x.shape
+            pos = torch.arange(length, device=self.device)[None].expand(bsz, -1)
+            mask, key_mask = build_masks(None, bsz, length, length, self.device)
+            got = module(x, pos, mask, key_mask, None)
+            if o_bias is not None:
+                got = got - o_bias.to(got)
+            total += float((got - ref).double().pow(2).sum())
+            count += bsz * length
+        return total / count
+
+    @torch.no_grad()
+    def refit_output(self, layer: int, src: SourceAttention, attention: dict[str, torch.Tensor], rank: int,
+                     rope_inv_freq: list[float], rel: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Least-squares o_proj (weight and bias) mapping the converted heads' outputs to the source's attention
+        output on the current inputs: W, b = argmin E|W o_conv + b - W_o o_src|^2 (ridge `rel` * mean diag)."""
+        module = self.converted_layer(layer, attention, rank, rope_inv_freq).self_attn
+        src32 = _to(src, torch.float32, self.device)
+        captured: list[torch.Tensor] = []
+        hook = module.o_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+        from .modeling.modeling_transmla import build_masks
+
+        width = src.o.shape[1] + 1
+        gram = torch.zeros(width, width, dtype=torch.float64, device=self.device)
+        cross = torch.zeros(src.o.shape[0], width, dtype=torch.float64, device=self.device)
+        try:
+            for _, x in self.chunks(layer):
+                _, out = source_attention_probs(src32, x, self.cos, self.sin)
+                ref = F.linear(out, src32.o).reshape(-1, src.o.shape[0]).double()
+                bsz, length, _ = x.shape
+                pos = torch.arange(length, device=self.device)[None].expand(bsz, -1)
+                mask, key_mask = build_masks(None, bsz, length, length, self.device)
+                captured.clear()
+                module(x, pos, mask, key_mask, None)
+                feats = captured[0].reshape(bsz * length, -1).double()
+                feats = torch.cat([feats, torch.ones_like(feats[:, :1])], dim=1)
+                gram += feats.T @ feats
+                cross += ref.T @ feats
+        finally:
+            hook.remove()
+        reg = rel * gram.diagonal()[:-1].mean() * torch.eye(width, dtype=gram.dtype, device=gram.device)
+        reg[-1, -1] = 0
+        sol = torch.linalg.solve(gram + reg, cross.T).T
+        return sol[:, :-1], sol[:, -1]
+
+    @torch.no_grad()
+    def refit_values(self, layer: int, src: SourceAttention, attention: dict[str, torch.Tensor], rank: int,
+                     rope_inv_freq: list[float], rel: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+        """Least-squares value up-projection under the converted layer's own attention weights.
+
+        Head h of group g outputs A_g cbar_h + b_g with cbar_h = sum_s phat_h(t, s) c_s (phat: the converted
+        scores); A_g, b_g minimise sum_{h in g} w_h |A_g cbar_h + b_g - o_h|^2 against the source head outputs
+        o_h, w_h = |W_o,h|_F^2 / d. Returns W_UV [G*d, R] and the o_proj bias sum_h W_o,h b_g(h).
+        """
+        d, heads, groups = src.head_dim, src.heads, src.groups
+        src32 = _to(src, torch.float32, self.device)
+        gh = src.group_of_head.to(self.device)
+        o_heads = src.o.view(src.o.shape[0], heads, d).permute(1, 0, 2)
+        w = (o_heads.pow(2).sum(dim=(1, 2)) / d).to(self.device, torch.float64)
+        gram = torch.zeros(groups, rank + 1, rank + 1, dtype=torch.float64, device=self.device)
+        cross = torch.zeros(groups, d, rank + 1, dtype=torch.float64, device=self.device)
+        latent_attn = LatentAttention(attention, rank, rope_inv_freq, self.scaling, heads, groups, d, self.device)
+        for _, x in self.chunks(layer):
+            _, out = source_attention_probs(src32, x, self.cos, self.sin)
+            probs, latent = latent_attn.probs(x)
+            cbar = (probs @ latent[:, None]).double()  # [B, H, T, R]
+            cbar = torch.cat([cbar, torch.ones_like(cbar[..., :1])], dim=-1)
+            target = out.view(*out.shape[:2], heads, d).transpose(1, 2).double()  # [B, H, T, d]
+            gram.index_add_(0, gh, torch.einsum("h,bhtr,bhts->hrs", w, cbar, cbar))
+            cross.index_add_(0, gh, torch.einsum("h,bhtd,bhtr->hdr", w, target, cbar))
+        reg = rel * gram.diagonal(dim1=1, dim2=2)[:, :-1].mean(-1)
+        eye = torch.eye(rank + 1, dtype=gram.dtype, device=gram.device)
+        eye[-1, -1] = 0
+        sol = torch.linalg.solve(gram + reg[:, None, None] * eye, cross.transpose(1, 2)).transpose(1, 2)  # [G, d, R+1]
+        up_value, bias = sol[..., :-1].reshape(groups * d, rank), sol[..., -1]
+        o_bias = torch.einsum("hxd,hd->x", o_heads.to(bias), bias[gh])
+        return up_value, o_bias
+
+    @torch.no_grad()
+    def advance_source(self, layer: int, src: SourceAttention, o_bias: torch.Tensor | None) -> None:
+        """Run the source's own layer l on the hidden states (for a pass that only measures)."""
+        from transformers.activations import ACT2FN
+
+        src32 = _to(src, torch.float32, self.device)
+        prefix = f"model.layers.{layer}."
+        get = lambda n: self.tensors.get(prefix + n, torch.float32).to(self.device) if self.tensors.has(prefix + n) else None  # noqa: E731
+        post = get("post_attention_layernorm.weight")
+        gate, up, down = get("mlp.gate_proj.weight"), get("mlp.up_proj.weight"), get("mlp.down_proj.weight")
+        gate_b, up_b, down_b = get("mlp.gate_proj.bias"), get("mlp.up_proj.bias"), get("mlp.down_proj.bias")
+        act = ACT2FN[self.config.hidden_act]
+        ob = None if o_bias is None else o_bias.to(self.device, torch.float32)
+        for rows, x in self.chunks(layer):
+            _, out = source_attention_probs(src32, x, self.cos, self.sin)
+            hidden = self.hidden[rows] + F.linear(out, src32.o, ob)
+            y = rms_norm(hidden, post, self.eps)
+            self.hidden[rows] = hidden + F.linear(act(F.linear(y, gate, gate_b)) * F.linear(y, up, up_b), down, down_b)
+
+    def residual_energy(self) -> float:
+        """Mean squared norm of the hidden states entering the current layer."""
+        return float(self.hidden.double().pow(2).sum(-1).mean())
+
+    def converted_layer(self, layer: int, attention: dict[str, torch.Tensor], rank: int, rope_inv_freq: list[float]):
+        from .modeling.configuration_transmla import TransMLAConfig
+        from .modeling.modeling_transmla import TransMLADecoderLayer
+
+        cfg = self.config
+        geo_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // geo_heads
+        config = TransMLAConfig(
+            vocab_size=1, bos_token_id=None, eos_token_id=None, pad_token_id=None, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=1,
+            num_attention_heads=geo_heads, num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or geo_heads,
+            head_dim=head_dim, kv_lora_rank=[rank], qk_rope_head_dim=2 * len(rope_inv_freq),
+            rope_inv_freq=[rope_inv_freq], rope_attention_scaling=self.scaling, hidden_act=cfg.hidden_act,
+            rms_norm_eps=cfg.rms_norm_eps, attention_bias="q_proj.bias" in attention or "kv_a_proj.bias" in attention,
+            attention_out_bias="o_proj.bias" in attention, mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        )
+        module = TransMLADecoderLayer(config, 0)
+        state = {f"self_attn.{k}": v.float() for k, v in attention.items()}
+        prefix = f"model.layers.{layer}."
+        for key in self.tensors.keys():
+            if key.startswith(prefix) and ".self_attn." not in key:
+                state[key[len(prefix):]] = self.tensors.get(key, torch.float32)
+        module.load_state_dict(state, strict=True)
+        return module.to(self.device).eval()
+
+    def _run(self, module: Any, hidden: torch.Tensor) -> torch.Tensor:
+        from .modeling.modeling_transmla import build_masks
+
+        bsz, length, _ = hidden.shape
+        pos = torch.arange(length, device=self.device)[None].expand(bsz, -1)
+        mask, key_mask = build_masks(None, bsz, length, length, self.device)
+        return module(hidden, pos, mask, key_mask, None)
+
+
+class LatentAttention:
+    """The scores of a converted attention layer (docs/format.md), computed directly to expose its weights."""
+
+    def __init__(self, attention: dict[str, torch.Tensor], rank: int, rope_inv_freq: list[float], scaling: float,
+                 heads: int, groups: int, head_dim: int, device: torch.device) -> None:
+        get = lambda k: attention[k].to(device, torch.float32) if k in attention else None  # noqa: E731
+        self.q_w, self.q_b, self.a_w, self.a_b = get("q_proj.weight"), get("q_proj.bias"), get("kv_a_proj.weight"), get("kv_a_proj.bias")
+        self.b_w = get("kv_b_proj.weight")
+        self.rank, self.rope_dim = rank, 2 * len(rope_inv_freq)
+        self.heads, self.groups, self.d = heads, groups, head_dim
+        self.inv_freq = torch.tensor(rope_inv_freq, dtype=torch.float64)
+        self.scaling, self.device = scaling, device
+
+    def probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention weights [B, H, T, T] and the latent [B, T, R]."""
+        bsz, length, _ = x.shape
+        d, D = self.d, self.rope_dim
+        q = F.linear(x, self.q_w, self.q_b).view(bsz, length, self.heads, d + D).transpose(1, 2)
+        q_nope, q_rope = q.split([d, D], dim=-1)
+        latent, k_rope = F.linear(x, self.a_w, self.a_b).split([self.rank, D], dim=-1)
+        cos, sin = rope_tables(self.inv_freq, length, self.scaling, x.device)
+        q_rope, k_rope = rotate(q_rope, cos, sin), rotate(k_rope, cos, sin)
+        k_nope = F.linear(latent, self.b_w).view(bsz, length, self.groups, 2 * d)[..., :d].transpose(1, 2)
+        k_nope = k_nope.repeat_interleave(self.heads // self.groups, dim=1)
+        scores = (q_nope @ k_nope.transpose(-1, -2) + q_rope @ k_rope[:, None].transpose(-1, -2)) * d**-0.5
+        mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1), latent
+
+
+def _to(src: SourceAttention, dtype: torch.dtype, device: torch.device) -> SourceAttention:
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return SourceAttention(cast(src.q), cast(src.k), cast(src.v), cast(src.o), cast(src.q_bias), cast(src.k_bias),
+                           cast(src.v_bias), src.heads, src.groups, src.head_dim)

@@ -1,0 +1,128 @@
+"""One attention layer converted from calibration statistics: `pca` (balanced KV) and `whiten` (covariance-aware)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .calibrate import LayerStats
+from .errors import TransMLAError
+from .factorize import LatentFactors, max_latent_rank, svd_latent
+from .mla_layer import SourceAttention, assemble_layer
+from .rope_select import FoldedPlan, folded_split, plan_folded, rope_stats
+from .whiten import WeightedProblem, balanced_pca, weighted_latent
+
+METHODS = ("svd", "pca", "whiten")
+
+
+@dataclass
+class LayerSettings:
+    """How one layer is converted (see `ConvertOptions` for the user-facing names)."""
+
+    method: str = "whiten"
+    rope_select: str = "rotate"
+    freqfold: int = 1
+    shrink: bool = True  # fold the attention-averaged rotation into the dropped components' queries
+    key_weight: float = 1.0  # lambda: weight of the score error against the output error
+    iterations: int = 4  # alternating refinements of the two-covariance objective (whiten)
+    rope_context: int = 4096
+    latent_key_scale: float | None = None  # svd only: None = balanced
+    key_cov: str = "token"  # token: covariance of x; within: spread of the attended keys
+    per_frequency: bool = False  # one rotary component per frequency (exportable to stock DeepSeek code)
+
+
+def head_blocks(o: torch.Tensor, heads: int) -> torch.Tensor:
+    """o_proj [hidden, H*d] as per-head blocks [H, hidden, d]."""
+    return o.view(o.shape[0], heads, -1).permute(1, 0, 2)
+
+
+def key_weight_matrix(q_nope: torch.Tensor, q_bias: torch.Tensor | None, nope_to_heads: torch.Tensor,
+                      second: torch.Tensor, mean: torch.Tensor, src: SourceAttention) -> torch.Tensor:
+    """M_z = scale^2 sum_h E_g^T E[q_h q_h^T] E_g over the position-free key components."""
+    d, heads = src.head_dim, src.heads
+    qh = q_nope.view(heads, d, -1)
+    qq = torch.einsum("hdx,xy,hey->hde", qh, second, qh)
+    if q_bias is not None:
+        b = q_bias.view(heads, d)
+        qm = torch.einsum("hdx,x->hd", qh, mean)
+        qq = qq + torch.einsum("hd,he->hde", qm, b) + torch.einsum("hd,he->hde", b, qm) + torch.einsum("hd,he->hde", b, b)
+    e = nope_to_heads[src.group_of_head]  # [H, d, Z]
+    return torch.einsum("hdz,hde,hew->zw", e, qq, e) / d
+
+
+def value_weight_matrix(src: SourceAttention) -> torch.Tensor:
+    """M_v = blockdiag_g sum_{h in g} W_o,h^T W_o,h."""
+    o = head_blocks(src.o, src.heads)  # [H, hidden, d]
+    per_head = torch.einsum("hxd,hxe->hde", o, o)
+    blocks = torch.zeros(src.groups, src.head_dim, src.head_dim, dtype=o.dtype, device=o.device)
+    blocks.index_add_(0, src.group_of_head.to(o.device), per_head)
+    return torch.block_diag(*blocks)
+
+
+def layer_plan(src: SourceAttention, stats: LayerStats | None, inv_freq: torch.Tensor, rope_dim: int,
+               settings: LayerSettings) -> FoldedPlan:
+    shrink = stats.shrink.to(src.k.dtype) if stats is not None and settings.shrink else None
+    rs = rope_stats(src, None if stats is None else stats.second, None if stats is None else stats.mean,
+                    shrink, settings.rope_context)
+    return plan_folded(rs, inv_freq.to(src.k.dtype), rope_dim, src.groups, src.group_of_head,
+                       settings.rope_select, settings.freqfold, settings.per_frequency)
+
+
+def convert_layer(src: SourceAttention, stats: LayerStats | None, inv_freq: torch.Tensor, scaling: float,
+                  rank: int, rope_dim: int, settings: LayerSettings,
+                  plan: FoldedPlan | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The layer's latent-attention tensors and its rotary key's inverse frequencies."""
+    if settings.method not in METHODS:
+        raise TransMLAError(f"--method {settings.method!r} is not one of {', '.join(METHODS)}")
+    if settings.method != "svd" and stats is None:
+        raise TransMLAError(f"--method {settings.method} needs calibration data (--calib-file or --calib-dataset)")
+    plan = plan or layer_plan(src, stats, inv_freq, rope_dim, settings)
+    split, q_nope, q_nope_bias = folded_split(src, plan)
+    limit = max_latent_rank(src.k.shape[1], split.key_nope.shape[0], src.v.shape[0])
+    if not 1 <= rank <= limit:
+        raise TransMLAError(f"--kv-lora-rank {rank} is out of range: this layer allows 1..{limit}")
+    value_mean = None
+    if settings.method == "svd":
+        latent = svd_latent(split.key_nope, src.v, rank, settings.latent_key_scale)
+    elif settings.method == "pca":
+        latent = balanced_pca(split.key_nope, src.v, stats.second.to(src.k.dtype), rank)
+    else:
+        problem = whiten_problem(src, stats, split.nope_to_heads, split.key_nope, q_nope, q_nope_bias, settings)
+        latent = weighted_latent(problem, rank, iterations=settings.iterations)
+        value_mean = stats.value_mean.to(src.k.dtype)
+    shaped = SourceAttention(q_nope, src.k, src.v, src.o, q_nope_bias, src.k_bias, src.v_bias,
+                             src.heads, src.groups, src.head_dim)
+    # assemble_layer builds q_rope from the split and takes q_nope from `shaped.q` (shrunk where asked).
+    out = assemble_layer(shaped, split, latent, scaling)
+    if value_mean is not None:
+        correction = value_bias_correction(src, latent, value_mean)
+        out["o_proj.bias"] = out.get("o_proj.bias", 0) + correction
+    return out, plan.kept_inv_freq
+
+
+def whiten_problem(src: SourceAttention, stats: LayerStats, nope_to_heads: torch.Tensor, key_nope: torch.Tensor,
+                   q_nope: torch.Tensor, q_nope_bias: torch.Tensor | None, settings: LayerSettings) -> WeightedProblem:
+    dt = src.k.dtype
+    second, mean = stats.second.to(dt), stats.mean.to(dt)
+    key_w = key_weight_matrix(q_nope, q_nope_bias, nope_to_heads, second, mean, src)
+    value_w = value_weight_matrix(src)
+    token_cov = stats.cov.to(dt) if settings.key_cov == "token" else stats.within_cov().to(dt).mean(0)
+    value_cov = stats.value_cov().to(dt).mean(0)
+    return WeightedProblem(key_nope, src.v, settings.key_weight * key_w, value_w, token_cov, value_cov)
+
+
+def value_bias_correction(src: SourceAttention, latent: LatentFactors, value_mean: torch.Tensor) -> torch.Tensor:
+    """sum_h W_o,h (W_v,g - A_v,g W_down) E[xbar_h]: the mean value error, moved into o_proj's bias."""
+    d, groups = src.head_dim, src.groups
+    err = (src.v - latent.up_value @ latent.down).view(groups, d, -1)[src.group_of_head]  # [H, d, h]
+    o = head_blocks(src.o, src.heads)  # [H, hidden, d]
+    return torch.einsum("hxd,hdy,hy->x", o, err, value_mean)
+
+
+def replace_values(out: dict[str, torch.Tensor], up_value: torch.Tensor, o_bias: torch.Tensor, groups: int,
+                   head_dim: int) -> dict[str, torch.Tensor]:
+    """Swap the value rows of kv_b_proj and o_proj's bias for refitted ones."""
+    kv_b = out["kv_b_proj.weight"].clone().view(groups, 2 * head_dim, -1)
+    kv_b[:, head_dim:] = up_value.view(groups, head_dim, -1).to(kv_b)
+    return {**out, "kv_b_proj.weight": kv_b.reshape(groups * 2 * head_dim, -1), "o_proj.bias": o_bias.to(kv_b)}
