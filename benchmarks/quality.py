@@ -65,6 +65,8 @@ METHODS = {
     "whiten-energy": Method("ours: whiten + energy ranks", {"method": "whiten", "rank_allocation": "energy"}),
     "whiten-split": Method("ours: whiten, own split (kv-budget)", {"method": "whiten", "rank_allocation": "energy"},
                            own_split=True),
+    "whiten-split-uniform": Method("ours: whiten, own D, uniform R (kv-budget)",
+                                   {"method": "whiten", "rank_allocation": "uniform"}, own_split=True),
 }
 
 
@@ -144,6 +146,8 @@ def fmt_rank(row: dict[str, Any]) -> str:
 
 
 def write_table(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> None:
+    order = ["original", *METHODS]
+    rows = sorted(rows, key=lambda r: (order.index(r["method"]), -r["budget"]))
     base = rows[0]
     lines = [
         f"# Conversion quality: {args.model}",
@@ -165,7 +169,11 @@ def write_table(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace)
             f"| {row['label']} | {row['budget']:.0%} | {fmt_rank(row)} | {row['rope_dim']} | {row['kv_values_per_token']} | "
             f"{row['ppl_main']:.2f} | {row['ratio_main']:.3f} | {general} | {row['convert_seconds']:.0f} |"
         )
-    lines += ["", f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`", ""]
+    command = f"python benchmarks/quality.py --device {args.device} --max-windows {args.max_windows} --out {args.out}"
+    if args.model != "smollm2-135m":
+        command += " --model PATH"
+    lines += ["", f"Command: `{command}` (rows are appended as they finish; `--methods` / `--budgets` select rows, "
+              "`--render-only` redraws this page and the plot from quality.json).", ""]
     (out / "quality.md").write_text("\n".join(lines))
     plot(rows, out / "quality.png", base)
 
@@ -186,6 +194,9 @@ def plot(rows: list[dict[str, Any]], path: Path, base: dict[str, Any]) -> None:
     ax.set_xlabel("KV cache bytes per token (bf16, all layers)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
+    top = 20 * base["ppl_main"]  # rows above 20x the original are off the chart
+    ax.set_ylim(0.9 * base["ppl_main"], top)
+    ax.set_title(f"perplexity (log) vs KV cache; points above {top:.0f} are off the chart", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -209,12 +220,16 @@ def main() -> None:
                         help="budgets also evaluated on the generalisation text")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--render-only", action="store_true", help="only redraw quality.md and quality.png")
     args = parser.parse_args()
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "quality.json"
     rows: list[dict[str, Any]] = json.loads(store.read_text()) if store.is_file() else []
     done = {(r["method"], r["budget"]) for r in rows}
+    if args.render_only:
+        write_table(rows, args.out, args)
+        return
 
     source = open_source(args.model)
     tokenizer = source.load_tokenizer()

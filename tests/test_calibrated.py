@@ -163,3 +163,33 @@ def test_layerwise_driver_keeps_one_layer_and_feeds_converted_layers(sources, ca
         model(stream.ids, use_cache=False)
     assert len(layers) == geo.layers
     assert torch.allclose(captured[0], runner.hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_offloaded_hidden_states_give_the_same_checkpoint(sources, calib_file, tmp_path, monkeypatch):
+    """With the calibration hidden states in a memory-mapped file the output is byte-identical, and the file is
+    gone (unlinked as soon as it is mapped)."""
+    import transmla.calibrate as calibrate
+
+    mapped = []
+    from_file = torch.from_file
+    monkeypatch.setattr(calibrate.torch, "from_file", lambda *a, **k: mapped.append(a[0]) or from_file(*a, **k))
+    folder = sources["llama-gqa"][0]
+    outputs = {}
+    for mode in ("never", "always"):
+        options = calibrated(calib_file, method="whiten", rope_dim=8, kv_lora_rank=12, calib_offload=mode)
+        outputs[mode] = (convert(str(folder), tmp_path / mode, options, progress=False) / "model.safetensors").read_bytes()
+    assert outputs["never"] == outputs["always"]
+    assert mapped and all(Path(p).parent == tmp_path for p in mapped)
+    assert not any(Path(p).exists() for p in mapped)
+    assert not list(tmp_path.glob(".transmla-calibration-*"))
+
+
+def test_hidden_buffer_refuses_when_nothing_fits(tmp_path, monkeypatch):
+    import shutil
+
+    from transmla.calibrate import hidden_buffer
+    from transmla.errors import TransMLAError
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
+    with pytest.raises(TransMLAError, match="fit neither in memory nor"):
+        hidden_buffer((2, 4, 8), torch.device("cpu"), "always", tmp_path)

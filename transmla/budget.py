@@ -7,6 +7,9 @@ sigma_k^2, and dropping rotary components costs their summed drop cost (`rope_se
 sum_l R_l = L * R are the globally largest sigma^2 (each layer's list is sorted): water-filling. `--kv-budget`
 also tries every D on a grid and keeps the one with the least total loss; at D = G*d and R = G*d (100% of the
 source's cache) both losses are zero, so that split is exact.
+
+The proxy compares layers only roughly (a layer's residual-stream energy is not its effect on the loss), so
+water-filling never takes a layer below `RANK_FLOOR` of the uniform rank.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import TransMLAError
+
+RANK_FLOOR = 0.5
 
 
 @dataclass
@@ -33,8 +38,11 @@ class LayerSpectrum:
         return int(self.sigma2[rope_dim].numel())
 
 
-def allocate_ranks(spectra: list[LayerSpectrum], rope_dim: int, total_rank: int, min_rank: int = 1) -> list[int]:
-    """Per-layer ranks summing to `total_rank` (capped by each layer's useful maximum) by water-filling."""
+def allocate_ranks(spectra: list[LayerSpectrum], rope_dim: int, total_rank: int, min_rank: int | None = None) -> list[int]:
+    """Per-layer ranks summing to `total_rank` (capped by each layer's useful maximum) by water-filling; no layer
+    gets less than `min_rank` (default: `RANK_FLOOR` of the uniform rank)."""
+    if min_rank is None:
+        min_rank = max(1, int(RANK_FLOOR * total_rank / len(spectra)))
     caps = [s.max_rank(rope_dim) for s in spectra]
     if total_rank < min_rank * len(spectra):
         raise TransMLAError(f"a total latent width of {total_rank} can not give every layer {min_rank}")

@@ -2,18 +2,24 @@
 
 Layer l is converted from statistics of its inputs as produced by the already converted layers 0..l-1, so that
 their errors are seen, not compounded blindly. Only the current layer's hidden states are kept ([N, T, hidden],
-float32); statistics are accumulated in float64 on the driver's device.
+float32, in a memory-mapped file when they do not fit in memory); statistics are accumulated in float64 on the
+driver's device.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .errors import TransMLAError
 from .io import TensorSource
 from .mla_layer import SourceAttention
 
@@ -23,7 +29,8 @@ class LayerStats:
     """Moments of one attention layer's input x (after input_layernorm) over the calibration tokens.
 
     shrink[h, i] = (E_p cos(Delta theta_i), E_p sin(Delta theta_i)) under head h's attention weights p;
-    value_mean / value_second: moments of the attention-averaged input xbar_h(t) = sum_s p_h(t, s) x(s).
+    value_mean / value_second: moments of the attention-averaged input xbar_h(t) = sum_s p_h(t, s) x(s), the
+    second moments averaged over heads (per-head [H, h, h] matrices would not fit for large models).
     """
 
     tokens: int
@@ -31,18 +38,21 @@ class LayerStats:
     second: torch.Tensor  # [h, h], E[x x^T]
     shrink: torch.Tensor  # [H, d/2, 2]
     value_mean: torch.Tensor  # [H, h]
-    value_second: torch.Tensor  # [H, h, h]
-    attended_second: torch.Tensor  # [H, h, h]: E_t sum_s p_h(t, s) x_s x_s^T
+    value_second: torch.Tensor  # [h, h]: mean over heads of E_t xbar_h xbar_h^T
+    attended_second: torch.Tensor  # [h, h]: mean over heads of E_t sum_s p_h(t, s) x_s x_s^T
 
     @property
     def cov(self) -> torch.Tensor:
         return self.second - torch.outer(self.mean, self.mean)
 
     def value_cov(self) -> torch.Tensor:
-        return self.value_second - torch.einsum("hx,hy->hxy", self.value_mean, self.value_mean)
+        """[h, h]: the covariance of xbar_h about its per-head mean, averaged over heads."""
+        heads = self.value_mean.shape[0]
+        return self.value_second - self.value_mean.T @ self.value_mean / heads
 
     def within_cov(self) -> torch.Tensor:
-        """[H, h, h]: E_t sum_s p(t, s) (x_s - xbar_t)(x_s - xbar_t)^T, the spread of the keys a query attends."""
+        """[h, h]: E_t sum_s p(t, s) (x_s - xbar_t)(x_s - xbar_t)^T, the spread of the keys a query attends, averaged
+        over heads."""
         return self.attended_second - self.value_second
 
 
@@ -86,18 +96,67 @@ def source_attention_probs(src: SourceAttention, x: torch.Tensor, cos: torch.Ten
     return probs, out
 
 
+OFFLOAD_MODES = ("auto", "never", "always")
+
+
+def hidden_buffer(shape: tuple[int, int, int], device: torch.device, offload: str = "auto",
+                  scratch_dir: Path | None = None) -> torch.Tensor:
+    """An uninitialised float32 [N, T, h] buffer for the calibration hidden states.
+
+    On `device` when it fits in half of what is free there; otherwise (or with offload="always") in a
+    memory-mapped file under `scratch_dir` (default: the system's temporary folder). The file is unlinked at once,
+    so the kernel frees it when the process ends, however it ends. offload="never" keeps it on `device`.
+    """
+    if offload not in OFFLOAD_MODES:
+        raise TransMLAError(f"calibration offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+    numel = shape[0] * shape[1] * shape[2]
+    if offload == "never" or (offload == "auto" and 4 * numel <= free_memory(device) // 2):
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    if offload == "auto" and device.type != "cpu" and 4 * numel <= free_memory(torch.device("cpu")) // 2:
+        return torch.empty(shape, dtype=torch.float32)
+    folder = Path(scratch_dir or tempfile.gettempdir())
+    if shutil.disk_usage(folder).free < 4 * numel:
+        raise TransMLAError(f"the calibration hidden states ({4 * numel / 2**30:.1f} GiB) fit neither in memory nor in "
+                            f"the free space of {folder}; lower --calib-samples or --calib-seq-len")
+    fd, path = tempfile.mkstemp(prefix=".transmla-calibration-", suffix=".f32", dir=folder)
+    try:
+        os.ftruncate(fd, 4 * numel)
+        buffer = torch.from_file(path, shared=True, size=numel, dtype=torch.float32)
+    except OSError as exc:
+        raise TransMLAError(f"cannot offload {4 * numel / 2**30:.1f} GiB of calibration hidden states to {folder} "
+                            f"({exc.strerror or exc}); free space there or lower --calib-samples") from exc
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return buffer.view(shape)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes available for new allocations on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 class LayerwiseRunner:
     """Holds the hidden states entering one decoder layer and advances them through converted layers."""
 
     def __init__(self, tensors: TensorSource, config: Any, input_ids: torch.LongTensor, inv_freq: torch.Tensor,
-                 scaling: float, device: str | torch.device = "cpu", chunk_tokens: int = 4096) -> None:
+                 scaling: float, device: str | torch.device = "cpu", chunk_tokens: int = 4096,
+                 offload: str = "auto", scratch_dir: Path | None = None) -> None:
         self.tensors, self.config, self.device = tensors, config, torch.device(device)
         self.inv_freq, self.scaling = inv_freq, scaling
         self.eps = float(config.rms_norm_eps)
-        embed = tensors.get("model.embed_tokens.weight", torch.float32).to(self.device)
-        self.hidden = embed[input_ids.to(self.device)]  # [N, T, h]
         self.samples, self.length = input_ids.shape
         self.batch = max(1, chunk_tokens // self.length)
+        embed = tensors.get("model.embed_tokens.weight", torch.float32)
+        shape = (self.samples, self.length, embed.shape[1])
+        self.hidden = hidden_buffer(shape, self.device, offload, scratch_dir)  # [N, T, h]
+        for start in range(0, self.samples, self.batch):
+            self.hidden[start:start + self.batch] = embed[input_ids[start:start + self.batch].to(embed.device)]
+        del embed
         self.cos, self.sin = rope_tables(inv_freq, self.length, scaling, self.device)
 
     def norm_weight(self, layer: int, name: str = "input_layernorm") -> torch.Tensor:
@@ -109,7 +168,7 @@ class LayerwiseRunner:
         stop = self.samples if limit is None else min(limit, self.samples)
         for start in range(0, stop, self.batch):
             rows = slice(start, min(start + self.batch, stop))
-            yield rows, rms_norm(self.hidden[rows], weight, self.eps)
+            yield rows, rms_norm(self.hidden[rows].to(self.device), weight, self.eps)
 
     @torch.no_grad()
     def statistics(self, layer: int, src: SourceAttention) -> LayerStats:
@@ -120,8 +179,8 @@ class LayerwiseRunner:
         total = torch.zeros(h, dtype=f64, device=dev)
         second = torch.zeros(h, h, dtype=f64, device=dev)
         vmean = torch.zeros(heads, h, dtype=f64, device=dev)
-        vsecond = torch.zeros(heads, h, h, dtype=f64, device=dev)
-        asecond = torch.zeros(heads, h, h, dtype=f64, device=dev)
+        vsecond = torch.zeros(h, h, dtype=f64, device=dev)
+        asecond = torch.zeros(h, h, dtype=f64, device=dev)
         rot = torch.zeros(heads, half, 2, dtype=f64, device=dev)
         cs = torch.cat([self.cos[:, :half], self.sin[:, :half]], dim=-1) / self.scaling  # [T, 2F]: cos, sin of s*theta
         cos_t, sin_t = cs[:, :half], cs[:, half:]
@@ -135,23 +194,22 @@ class LayerwiseRunner:
             ac, asn = a[..., :half], a[..., half:]
             rot[..., 0] += (cos_t * ac + sin_t * asn).sum(dim=(0, 2)).to(f64)
             rot[..., 1] += (sin_t * ac - cos_t * asn).sum(dim=(0, 2)).to(f64)
-            xbar = (probs @ x[:, None]).to(f64)  # [B, H, T, h]
-            vmean += xbar.sum(dim=(0, 2))
-            xb = xbar.transpose(0, 1).reshape(heads, -1, h)
-            vsecond += xb.transpose(1, 2) @ xb
-            received = probs.sum(2).to(f64)  # [B, H, T]: attention each key receives
-            xs = x.to(f64)
-            asecond += torch.einsum("bht,btx,bty->hxy", received, xs, xs)
+            for head in range(heads):  # one head at a time: xbar of all heads at once is [B, H, T, h]
+                xbar = (probs[:, head] @ x).reshape(-1, h).to(f64)
+                vmean[head] += xbar.sum(0)
+                vsecond += xbar.T @ xbar
+            received = probs.sum(dim=(1, 2)).reshape(-1, 1).to(f64)  # attention each key receives, summed over heads
+            asecond += (flat * received).T @ flat
             count += flat.shape[0]
-        return LayerStats(count, total / count, second / count, rot / count, vmean / count, vsecond / count,
-                          asecond / count)
+        return LayerStats(count, total / count, second / count, rot / count, vmean / count,
+                          vsecond / (count * heads), asecond / (count * heads))
 
     @torch.no_grad()
     def advance(self, layer: int, attention: dict[str, torch.Tensor], rank: int, rope_inv_freq: list[float]) -> None:
         """Run the converted layer l (new attention tensors + the source's norms and MLP) on the hidden states."""
         module = self.converted_layer(layer, attention, rank, rope_inv_freq)
         for rows, _ in self.chunks(layer):
-            self.hidden[rows] = self._run(module, self.hidden[rows])
+            self.hidden[rows] = self._run(module, self.hidden[rows].to(self.device)).to(self.hidden.device)
 
     @torch.no_grad()
     def attention_error(self, layer: int, src: SourceAttention, o_bias: torch.Tensor | None,
@@ -259,13 +317,15 @@ class LayerwiseRunner:
         ob = None if o_bias is None else o_bias.to(self.device, torch.float32)
         for rows, x in self.chunks(layer):
             _, out = source_attention_probs(src32, x, self.cos, self.sin)
-            hidden = self.hidden[rows] + F.linear(out, src32.o, ob)
+            hidden = self.hidden[rows].to(self.device) + F.linear(out, src32.o, ob)
             y = rms_norm(hidden, post, self.eps)
-            self.hidden[rows] = hidden + F.linear(act(F.linear(y, gate, gate_b)) * F.linear(y, up, up_b), down, down_b)
+            mlp = F.linear(act(F.linear(y, gate, gate_b)) * F.linear(y, up, up_b), down, down_b)
+            self.hidden[rows] = (hidden + mlp).to(self.hidden.device)
 
     def residual_energy(self) -> float:
         """Mean squared norm of the hidden states entering the current layer."""
-        return float(self.hidden.double().pow(2).sum(-1).mean())
+        total = sum(float(self.hidden[i:i + self.batch].double().pow(2).sum()) for i in range(0, self.samples, self.batch))
+        return total / (self.samples * self.length)
 
     def converted_layer(self, layer: int, attention: dict[str, torch.Tensor], rank: int, rope_inv_freq: list[float]):
         from .modeling.configuration_transmla import TransMLAConfig

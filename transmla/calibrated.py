@@ -107,8 +107,8 @@ def whiten_problem(src: SourceAttention, stats: LayerStats, nope_to_heads: torch
     second, mean = stats.second.to(dt), stats.mean.to(dt)
     key_w = key_weight_matrix(q_nope, q_nope_bias, nope_to_heads, second, mean, src)
     value_w = value_weight_matrix(src)
-    token_cov = stats.cov.to(dt) if settings.key_cov == "token" else stats.within_cov().to(dt).mean(0)
-    value_cov = stats.value_cov().to(dt).mean(0)
+    token_cov = stats.cov.to(dt) if settings.key_cov == "token" else stats.within_cov().to(dt)
+    value_cov = stats.value_cov().to(dt)
     return WeightedProblem(key_nope, src.v, settings.key_weight * key_w, value_w, token_cov, value_cov)
 
 

@@ -84,10 +84,11 @@ def convert(
     calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="Calibration text from a dataset (wikitext2, c4; validation split)."),
     calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration sequences."),
     calib_seq_len: int = typer.Option(512, "--calib-seq-len", help="Tokens per calibration sequence."),
+    calib_offload: str = typer.Option("auto", "--calib-offload", help="Calibration hidden states: auto (to a memory-mapped file beside --out when they do not fit in memory), never, always."),
     rope_select: str = typer.Option("rotate", "--rope-select", help="Rotary key: rotate (per-frequency head mixing), norm (MHA2MLA 2-norm), high-freq, uniform."),
     freqfold: str = typer.Option("1", "--freqfold", help="Fold N adjacent frequencies into one mixing (rotate), or auto (per layer, on the calibration loss)."),
     rank_allocation: str = typer.Option("uniform", "--rank-allocation", help="uniform, or energy: the same total latent width spread over layers by water-filling."),
-    kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Fraction of the source's KV cache to keep (e.g. 0.5): picks R per layer and D (unless --rope-dim) on the calibration loss."),
+    kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Fraction of the source's KV cache to keep (e.g. 0.5): picks D (unless --rope-dim) and R on a calibration loss proxy; R per layer with --rank-allocation energy."),
     export_format: str = typer.Option("ours", "--format", help="ours (the transmla format) or deepseek (stock DeepSeek-V3 for vLLM, SGLang and transformers; one rotary component per frequency; see docs/serving.md)."),
 ) -> None:
     """Convert MODEL to latent attention and write a checkpoint that transformers loads."""
@@ -131,6 +132,7 @@ def calibration_options(values: dict) -> dict:
     return {
         "calib_file": None if calib_file is None else str(calib_file), "calib_dataset": values["calib_dataset"],
         "calib_samples": values["calib_samples"], "calib_seq_len": values["calib_seq_len"],
+        "calib_offload": values.get("calib_offload", "auto"),
         "rope_select": values["rope_select"], "freqfold": fold if fold == "auto" else int(fold),
         "rank_allocation": values["rank_allocation"], "kv_budget": values["kv_budget"],
     }

@@ -44,6 +44,7 @@ class ConvertOptions:
     calib_samples: int = 64
     calib_seq_len: int = 512
     calib_seed: int = 0
+    calib_offload: str = "auto"  # auto | never | always: calibration hidden states in a memory-mapped file
     rope_select: str = "rotate"  # rotate | norm | high-freq | uniform
     freqfold: int | str = 1  # or "auto": per layer, on the calibration loss
     rank_allocation: str = "uniform"  # uniform | energy
@@ -203,7 +204,8 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
     stream = None
     if options.method != "svd" or options.kv_budget is not None or options.rank_allocation != "uniform" \
             or options.rope_select != "rotate" or str(options.freqfold) != "1":
-        stream = LayerStream(source, geo, options, *source_rope(source.config), read_attention, progress)
+        stream = LayerStream(source, geo, options, *source_rope(source.config), read_attention, progress,
+                             scratch_dir=out.absolute().parent)
     if getattr(source.config, "sliding_window", None) and getattr(source.config, "use_sliding_window", True):
         tqdm.write(f"note: the source uses a sliding window of {source.config.sliding_window}; the converted model attends to the whole context")
     dtype = output_dtype(options, source.config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,7 +63,7 @@ def identity_stats(hidden: int, heads: int, head_dim: int, dtype: torch.dtype = 
     """Statistics of isotropic inputs with no attention pattern: what the weights-only method assumes."""
     eye = torch.eye(hidden, dtype=dtype)
     return LayerStats(1, torch.zeros(hidden, dtype=dtype), eye, torch.zeros(heads, head_dim // 2, 2, dtype=dtype),
-                      torch.zeros(heads, hidden, dtype=dtype), eye.expand(heads, -1, -1), 2 * eye.expand(heads, -1, -1))
+                      torch.zeros(heads, hidden, dtype=dtype), eye, 2 * eye)
 
 
 def calibration_ids(source: Any, options: Any, tokenizer: Any) -> torch.LongTensor:
@@ -102,8 +103,9 @@ class LayerStream:
 
     def __init__(self, source: Any, geo: Any, options: Any, inv_freq: torch.Tensor, scaling: float,
                  read_attention: Any, progress: bool = True, settings: LayerSettings | None = None,
-                 calibrate: bool | None = None) -> None:
+                 calibrate: bool | None = None, scratch_dir: Path | None = None) -> None:
         self.source, self.geo, self.options = source, geo, options
+        self.scratch_dir = scratch_dir  # where calibration hidden states go when they do not fit in memory
         self.inv_freq, self.scaling, self.read = inv_freq, scaling, read_attention
         self.device = torch.device(options.device)
         self.settings = settings or layer_settings(options)
@@ -129,7 +131,8 @@ class LayerStream:
         return out | sizes.summary()
 
     def _runner(self) -> LayerwiseRunner:
-        return LayerwiseRunner(self.source.tensors, self.source.config, self.ids, self.inv_freq, self.scaling, self.device)
+        return LayerwiseRunner(self.source.tensors, self.source.config, self.ids, self.inv_freq, self.scaling, self.device,
+                               offload=getattr(self.options, "calib_offload", "auto"), scratch_dir=self.scratch_dir)
 
     def _src(self, layer: int) -> tuple[Any, torch.Tensor | None]:
         src, o_bias = self.read(self.source.tensors, layer, self.geo)

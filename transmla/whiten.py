@@ -156,8 +156,9 @@ def _solve_down(problem: WeightedProblem, factors: LatentFactors, rel: float) ->
 
 
 def _normalise(factors: LatentFactors, problem: WeightedProblem) -> LatentFactors:
-    """Rescale latent coordinates so that each has unit energy under the value covariance (harmless, keeps the
-    cached values well scaled for low-precision storage)."""
-    energy = torch.einsum("rh,hx,rx->r", factors.down, problem.value_cov, factors.down).clamp_min(1e-30).sqrt()
+    """Rescale latent coordinates to unit energy over the inputs (harmless; keeps the cached values well scaled
+    for low-precision storage)."""
+    energy = torch.einsum("rh,hx,rx->r", factors.down, problem.key_cov, factors.down)
+    energy = energy.clamp_min(1e-12 * float(energy.max().clamp_min(1e-30))).sqrt()
     scale = 1 / energy
     return LatentFactors(down=factors.down * scale[:, None], up_key=factors.up_key / scale, up_value=factors.up_value / scale)
