@@ -61,12 +61,16 @@ METHODS = {
     "transmla": Method("TransMLA (RoRoPE + freqfold 2 + balanced-KV PCA)", {"method": "pca", "freqfold": 2},
                        {"shrink": False}),
     "pca": Method("ours: pca (+ query shrink, cost-ranked RoPE)", {"method": "pca"}),
-    "whiten": Method("ours: whiten", {"method": "whiten"}),
+    "whiten": Method("ours: whiten (default, score weight 30)", {"method": "whiten"}),
+    "whiten-sw3": Method("ours: whiten, score weight 3", {"method": "whiten", "score_weight": 3.0}),
+    "whiten-sw10": Method("ours: whiten, score weight 10", {"method": "whiten", "score_weight": 10.0}),
+    "whiten-sw100": Method("ours: whiten, score weight 100", {"method": "whiten", "score_weight": 100.0}),
     "whiten-energy": Method("ours: whiten + energy ranks", {"method": "whiten", "rank_allocation": "energy"}),
-    "whiten-split": Method("ours: whiten, own split (kv-budget)", {"method": "whiten", "rank_allocation": "energy"},
-                           own_split=True),
-    "whiten-split-uniform": Method("ours: whiten, own D, uniform R (kv-budget)",
-                                   {"method": "whiten", "rank_allocation": "uniform"}, own_split=True),
+    "whiten-split": Method("ours: whiten, own D, energy R (kv-budget, score weight 10)",
+                           {"method": "whiten", "rank_allocation": "energy", "score_weight": 10.0}, own_split=True),
+    "whiten-split-uniform": Method("ours: whiten, own D, uniform R (kv-budget, score weight 10)",
+                                   {"method": "whiten", "rank_allocation": "uniform", "score_weight": 10.0},
+                                   own_split=True),
 }
 
 
@@ -218,6 +222,7 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--general-budgets", nargs="*", type=float, default=list(BUDGETS),
                         help="budgets also evaluated on the generalisation text")
+    parser.add_argument("--dev-file", type=Path, help="also report perplexity on this text (for choosing settings)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--render-only", action="store_true", help="only redraw quality.md and quality.png")
@@ -235,6 +240,7 @@ def main() -> None:
     tokenizer = source.load_tokenizer()
     main_windows = token_windows(tokenizer, load_text(args.text_file), args.seq_len, args.max_windows)
     general_windows = token_windows(tokenizer, generalisation_text(), args.seq_len, args.max_windows)
+    dev_windows = None if args.dev_file is None else token_windows(tokenizer, load_text(args.dev_file), args.seq_len, args.max_windows)
 
     def save() -> None:
         store.write_text(json.dumps(rows, indent=2) + "\n")
@@ -246,7 +252,8 @@ def main() -> None:
         model, _ = load_model(args.model, device=args.device)
         row = {"method": "original", "label": "original", "budget": 1.0, "rope_dim": None,
                "kv_values_per_token": Geometry.of(source.config).kv_values * Geometry.of(source.config).layers}
-        evaluate(model, {"main": main_windows.to(args.device), "general": general_windows.to(args.device)}, row, None)
+        windows = {"main": main_windows, "general": general_windows} | ({} if dev_windows is None else {"dev": dev_windows})
+        evaluate(model, {k: v.to(args.device) for k, v in windows.items()}, row, None)
         rows.insert(0, row)
         save()
         del model
@@ -259,6 +266,8 @@ def main() -> None:
             windows = {"main": main_windows}
             if any(math.isclose(budget, b) for b in args.general_budgets):
                 windows["general"] = general_windows
+            if dev_windows is not None:
+                windows["dev"] = dev_windows
             evaluate(model.to(args.device), {k: v.to(args.device) for k, v in windows.items()}, row, base)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -117,3 +117,21 @@ def test_existing_output_needs_overwrite(source, tmp_path):
 def test_eval_needs_text(source):
     result = run("eval", source / "src")
     assert_one_line_error(result, "--text-file")
+
+
+def test_calibrated_flags_reach_the_conversion(source, tmp_path):
+    out = tmp_path / "mla"
+    result = run("convert", source / "src", "--out", out, "-r", "12", "-d", "8", "--device", "cpu", "--method", "whiten",
+                 "--calib-file", source / "text.txt", "--calib-samples", "2", "--calib-seq-len", "32",
+                 "--score-weight", "5", "--calib-offload", "always")
+    assert result.exit_code == 0, result.output
+    options = json.loads((out / "transmla.json").read_text())["options"]
+    assert options["score_weight"] == 5.0 and options["calib_offload"] == "always"
+    assert json.loads((out / "config.json").read_text())["kv_lora_rank"] in (12, [12, 12])
+
+
+def test_bad_offload_mode_is_one_line(source, tmp_path):
+    result = run("convert", source / "src", "--out", tmp_path / "mla", "-r", "12", "-d", "8", "--device", "cpu",
+                 "--method", "whiten", "--calib-file", source / "text.txt", "--calib-offload", "sometimes")
+    assert_one_line_error(result, "sometimes")
+    assert not (tmp_path / "mla").exists()

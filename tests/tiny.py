@@ -14,6 +14,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 VOCAB = 256
@@ -51,7 +53,8 @@ COMMON = dict(
 
 
 def tiny_config(kind: str):
-    """Configs of the supported families: llama-mha, llama-gqa, llama3 (RoPE scaling), qwen2, mistral."""
+    """Configs of the supported families: llama-mha, llama-gqa, llama3 (RoPE scaling), qwen2, mistral, qwen3
+    (per-head q/k norms, head_dim 12 != hidden / heads) and qwen3-bias (the same with attention biases, MHA)."""
     if kind == "llama-mha":
         return LlamaConfig(**COMMON, num_key_value_heads=4)
     if kind == "llama-gqa":
@@ -64,19 +67,27 @@ def tiny_config(kind: str):
         return Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True)
     if kind == "mistral":
         return MistralConfig(**COMMON, num_key_value_heads=1, sliding_window=None)
+    if kind == "qwen3":
+        return Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True)
+    if kind == "qwen3-bias":
+        return Qwen3Config(**COMMON, num_key_value_heads=4, head_dim=8, attention_bias=True, rope_theta=500.0)
     raise ValueError(kind)
 
 
 def tiny_model(kind: str, seed: int = 0):
-    """A random model; Qwen2's attention biases are made nonzero so that their handling is tested."""
+    """A random model; attention biases (Qwen2) are made nonzero and Qwen3's q/k norm weights non-trivial so
+    that their handling is tested."""
     torch.manual_seed(seed)
     config = tiny_config(kind)
-    cls = {"qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM}.get(kind, LlamaForCausalLM)
+    cls = {"qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM, "qwen3": Qwen3ForCausalLM,
+           "qwen3-bias": Qwen3ForCausalLM}.get(kind, LlamaForCausalLM)
     model = cls(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.uniform_(0.2, 3.0)
     return model
 
 

@@ -55,6 +55,28 @@ class LayerStats:
         over heads."""
         return self.attended_second - self.value_second
 
+    def independent_blocks(self, split: int) -> "LayerStats":
+        """These moments with inputs [:split] and [split:] made uncorrelated (cov, value_cov and within_cov
+        block-diagonal; means and diagonal blocks kept).
+
+        On pre-features z = [q_n; k_n; v] the converted kv_a_proj reads only [k_n; v]. A latent error E with zero
+        q_n columns costs tr(M E S E^T) = tr(M E_kv S_kv E_kv^T) whatever S's cross block, and with that block
+        zero a latent reading q_n can only cost more: the whitened latent then reads [k_n; v] alone, and is the
+        best one that does.
+        """
+        a, b = slice(0, split), slice(split, None)
+
+        def decoupled(second: torch.Tensor, mean_outer: torch.Tensor) -> torch.Tensor:
+            out = second.clone()
+            out[a, b], out[b, a] = mean_outer[a, b], mean_outer[b, a]
+            return out
+
+        second = decoupled(self.second, torch.outer(self.mean, self.mean))
+        heads = self.value_mean.shape[0]
+        value_second = decoupled(self.value_second, self.value_mean.T @ self.value_mean / heads)
+        attended_second = decoupled(self.attended_second, value_second)
+        return LayerStats(self.tokens, self.mean, second, self.shrink, self.value_mean, value_second, attended_second)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
@@ -186,6 +208,7 @@ class LayerwiseRunner:
         cos_t, sin_t = cs[:, :half], cs[:, half:]
         count = 0
         for _, x in self.chunks(layer):
+            x = src32.inputs(x)  # the pre-features z when the layer has per-head q/k norms
             probs, _ = source_attention_probs(src32, x, self.cos, self.sin)
             flat = x.reshape(-1, h).to(f64)
             total += flat.sum(0)
@@ -201,8 +224,9 @@ class LayerwiseRunner:
             received = probs.sum(dim=(1, 2)).reshape(-1, 1).to(f64)  # attention each key receives, summed over heads
             asecond += (flat * received).T @ flat
             count += flat.shape[0]
-        return LayerStats(count, total / count, second / count, rot / count, vmean / count,
-                          vsecond / (count * heads), asecond / (count * heads))
+        stats = LayerStats(count, total / count, second / count, rot / count, vmean / count,
+                           vsecond / (count * heads), asecond / (count * heads))
+        return stats if src.pre is None else stats.independent_blocks(src.pre.widths[0])
 
     @torch.no_grad()
     def advance(self, layer: int, attention: dict[str, torch.Tensor], rank: int, rope_inv_freq: list[float]) -> None:
@@ -223,7 +247,7 @@ class LayerwiseRunner:
 
         total, count = 0.0, 0
         for _, x in self.chunks(layer, samples):
-            _, out = source_attention_probs(src32, x, self.cos, self.sin)
+            _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin)
             ref = F.linear(out, src32.o, None)
             bsz, length, _ = x.shape
             pos = torch.arange(length, device=self.device)[None].expand(bsz, -1)
@@ -251,7 +275,7 @@ class LayerwiseRunner:
         cross = torch.zeros(src.o.shape[0], width, dtype=torch.float64, device=self.device)
         try:
             for _, x in self.chunks(layer):
-                _, out = source_attention_probs(src32, x, self.cos, self.sin)
+                _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin)
                 ref = F.linear(out, src32.o).reshape(-1, src.o.shape[0]).double()
                 bsz, length, _ = x.shape
                 pos = torch.arange(length, device=self.device)[None].expand(bsz, -1)
@@ -287,8 +311,10 @@ class LayerwiseRunner:
         cross = torch.zeros(groups, d, rank + 1, dtype=torch.float64, device=self.device)
         latent_attn = LatentAttention(attention, rank, rope_inv_freq, self.scaling, heads, groups, d, self.device)
         for _, x in self.chunks(layer):
-            _, out = source_attention_probs(src32, x, self.cos, self.sin)
-            probs, latent = latent_attn.probs(x)
+            z = src32.inputs(x)
+            _, out = source_attention_probs(src32, z, self.cos, self.sin)
+            q_in, kv_in = (z, z) if src32.pre is None else src32.pre.split(z)
+            probs, latent = latent_attn.probs(q_in, kv_in)
             cbar = (probs @ latent[:, None]).double()  # [B, H, T, R]
             cbar = torch.cat([cbar, torch.ones_like(cbar[..., :1])], dim=-1)
             target = out.view(*out.shape[:2], heads, d).transpose(1, 2).double()  # [B, H, T, d]
@@ -316,7 +342,7 @@ class LayerwiseRunner:
         act = ACT2FN[self.config.hidden_act]
         ob = None if o_bias is None else o_bias.to(self.device, torch.float32)
         for rows, x in self.chunks(layer):
-            _, out = source_attention_probs(src32, x, self.cos, self.sin)
+            _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin)
             hidden = self.hidden[rows].to(self.device) + F.linear(out, src32.o, ob)
             y = rms_norm(hidden, post, self.eps)
             mlp = F.linear(act(F.linear(y, gate, gate_b)) * F.linear(y, up, up_b), down, down_b)
@@ -341,6 +367,7 @@ class LayerwiseRunner:
             rope_inv_freq=[rope_inv_freq], rope_attention_scaling=self.scaling, hidden_act=cfg.hidden_act,
             rms_norm_eps=cfg.rms_norm_eps, attention_bias="q_proj.bias" in attention or "kv_a_proj.bias" in attention,
             attention_out_bias="o_proj.bias" in attention, mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            qk_norm="q_norm.weight" in attention, pre_proj_bias="pre_q_proj.bias" in attention,
         )
         module = TransMLADecoderLayer(config, 0)
         state = {f"self_attn.{k}": v.float() for k, v in attention.items()}
@@ -373,13 +400,14 @@ class LatentAttention:
         self.inv_freq = torch.tensor(rope_inv_freq, dtype=torch.float64)
         self.scaling, self.device = scaling, device
 
-    def probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention weights [B, H, T, T] and the latent [B, T, R]."""
+    def probs(self, x: torch.Tensor, kv_x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention weights [B, H, T, T] and the latent [B, T, R]; q_proj reads x, kv_a_proj `kv_x` (default x)."""
         bsz, length, _ = x.shape
         d, D = self.d, self.rope_dim
         q = F.linear(x, self.q_w, self.q_b).view(bsz, length, self.heads, d + D).transpose(1, 2)
         q_nope, q_rope = q.split([d, D], dim=-1)
-        latent, k_rope = F.linear(x, self.a_w, self.a_b).split([self.rank, D], dim=-1)
+        kv_x = x if kv_x is None else kv_x
+        latent, k_rope = F.linear(kv_x, self.a_w, self.a_b).split([self.rank, D], dim=-1)
         cos, sin = rope_tables(self.inv_freq, length, self.scaling, x.device)
         q_rope, k_rope = rotate(q_rope, cos, sin), rotate(k_rope, cos, sin)
         k_nope = F.linear(latent, self.b_w).view(bsz, length, self.groups, 2 * d)[..., :d].transpose(1, 2)
@@ -390,6 +418,4 @@ class LatentAttention:
 
 
 def _to(src: SourceAttention, dtype: torch.dtype, device: torch.device) -> SourceAttention:
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return SourceAttention(cast(src.q), cast(src.k), cast(src.v), cast(src.o), cast(src.q_bias), cast(src.k_bias),
-                           cast(src.v_bias), src.heads, src.groups, src.head_dim)
+    return src.to(device, dtype)

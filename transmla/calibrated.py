@@ -26,7 +26,7 @@ class LayerSettings:
     shrink: bool = True  # fold the attention-averaged rotation into the dropped components' queries
     key_weight: float = 1.0  # lambda: weight of the score error against the output error
     iterations: int = 4  # alternating refinements of the two-covariance objective (whiten)
-    rope_context: int = 4096
+    rope_context: int = 16
     latent_key_scale: float | None = None  # svd only: None = balanced
     key_cov: str = "token"  # token: covariance of x; within: spread of the attended keys
     per_frequency: bool = False  # one rotary component per frequency (exportable to stock DeepSeek code)

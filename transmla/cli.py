@@ -72,7 +72,7 @@ def convert(
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Latent width R cached per token and layer [default: half the source's KV cache minus the RoPE key]."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the decoupled RoPE key shared by all heads (even) [default: 64, or all key dims if fewer]."),
     method: str = typer.Option("svd", "--method", help="Factorisation: svd (weights only, no data); pca (TransMLA's balanced-KV PCA of calibration activations); whiten (covariance-aware: score and output errors on calibration data)."),
-    rope_context: int = typer.Option(4096, "--rope-context", help="Context length over which dropping a frequency's rotation is costed."),
+    rope_context: int = typer.Option(16, "--rope-context", help="Weights-only methods: the attention distances (0..N) over which dropping a rotation is costed; calibrated methods measure them."),
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the source's), float32, bfloat16, float16."),
     device: str = typer.Option("auto", "--device", help="Where the math runs: cpu, cuda, auto."),
     max_shard_size: float = typer.Option(5.0, "--max-shard-size", help="Largest output shard, in GiB."),
@@ -87,6 +87,7 @@ def convert(
     calib_offload: str = typer.Option("auto", "--calib-offload", help="Calibration hidden states: auto (to a memory-mapped file beside --out when they do not fit in memory), never, always."),
     rope_select: str = typer.Option("rotate", "--rope-select", help="Rotary key: rotate (per-frequency head mixing), norm (MHA2MLA 2-norm), high-freq, uniform."),
     freqfold: str = typer.Option("1", "--freqfold", help="Fold N adjacent frequencies into one mixing (rotate), or auto (per layer, on the calibration loss)."),
+    score_weight: float = typer.Option(30.0, "--score-weight", help="whiten: weight of the attention-score error against the attention-output error."),
     rank_allocation: str = typer.Option("uniform", "--rank-allocation", help="uniform, or energy: the same total latent width spread over layers by water-filling."),
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Fraction of the source's KV cache to keep (e.g. 0.5): picks D (unless --rope-dim) and R on a calibration loss proxy; R per layer with --rank-allocation energy."),
     export_format: str = typer.Option("ours", "--format", help="ours (the transmla format) or deepseek (stock DeepSeek-V3 for vLLM, SGLang and transformers; one rotary component per frequency; see docs/serving.md)."),
@@ -132,7 +133,7 @@ def calibration_options(values: dict) -> dict:
     return {
         "calib_file": None if calib_file is None else str(calib_file), "calib_dataset": values["calib_dataset"],
         "calib_samples": values["calib_samples"], "calib_seq_len": values["calib_seq_len"],
-        "calib_offload": values.get("calib_offload", "auto"),
+        "calib_offload": values.get("calib_offload", "auto"), "score_weight": float(values.get("score_weight", 30.0)),
         "rope_select": values["rope_select"], "freqfold": fold if fold == "auto" else int(fold),
         "rank_allocation": values["rank_allocation"], "kv_budget": values["kv_budget"],
     }

@@ -17,10 +17,11 @@ from .checks import check_output_location, check_source_tensors
 from .factorize import max_latent_rank, svd_latent
 from .layerwise import METHODS, LayerStream
 from .io import ShardedSafetensorsWriter, TensorSource, atomic_output_dir, check_free_disk, cleanup_stale_temp_dirs
-from .mla_layer import SourceAttention, assemble_layer, rotary_split
+from .mla_layer import (PreProjection, SourceAttention, assemble_layer, on_pre_features, pre_feature_attention,
+                        rotary_split)
 from .modeling.configuration_transmla import TransMLAConfig
 from .rope import pair_blocks, plan_rope, source_rope
-from .source import Source, open_source
+from .source import QK_NORM_ARCHITECTURES, Source, open_source
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_transmla.py", "modeling_transmla.py", "mla_decode.py")
@@ -36,7 +37,7 @@ class ConvertOptions:
     method: str = "svd"
     dtype: str = "auto"
     device: str = "cpu"
-    rope_context: int = 4096
+    rope_context: int = 16  # weights-only: distances over which a dropped rotation is costed (measured: README)
     rope_per_frequency: bool = False  # one rotary component per frequency: exportable to stock DeepSeek code
     # Calibrated conversion (--method pca|whiten): text, rotary selection, budget; see transmla.layerwise.
     calib_file: str | None = None
@@ -50,7 +51,7 @@ class ConvertOptions:
     rank_allocation: str = "uniform"  # uniform | energy
     kv_budget: float | None = None  # fraction of the source's KV cache; picks R (per layer) and D
     query_shrink: bool = True  # calibrated: dropped rotations replaced by their attention-weighted average
-    score_weight: float = 10.0  # whiten: weight of score errors against output errors
+    score_weight: float = 30.0  # whiten: weight of score errors against output errors (measured: docs/calibration.md)
     refit_values: bool = True  # whiten: least-squares value up-projection under the converted attention
     max_shard_bytes: int = 5 * 2**30
     overwrite: bool = False
@@ -66,22 +67,31 @@ class Geometry:
     groups: int
     head_dim: int
     layers: int
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3): the layer is converted on its pre-features
+    norm_eps: float = 1e-6
 
     @classmethod
     def of(cls, config: Any) -> "Geometry":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         groups = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.hidden_size, config.num_attention_heads, groups, head_dim, config.num_hidden_layers)
+        qk_norm = getattr(config, "model_type", None) in QK_NORM_ARCHITECTURES
+        return cls(config.hidden_size, config.num_attention_heads, groups, head_dim, config.num_hidden_layers,
+                   qk_norm, float(getattr(config, "rms_norm_eps", 1e-6)))
 
     @property
     def kv_values(self) -> int:
         return 2 * self.groups * self.head_dim
 
+    @property
+    def input_width(self) -> int:
+        """Width of the input the converted matrices act on: the hidden size, or (H+2G)*d pre-features."""
+        return (self.heads + 2 * self.groups) * self.head_dim if self.qk_norm else self.hidden
+
     def check(self, rank: int, rope_dim: int) -> None:
         """One clear error for an impossible (R, D)."""
         if rope_dim % 2 or not 2 <= rope_dim <= self.groups * self.head_dim:
             raise TransMLAError(f"--rope-dim {rope_dim} must be even and in 2..{self.groups * self.head_dim} (key heads x head_dim)")
-        limit = max_latent_rank(self.hidden, self.groups * self.head_dim - rope_dim, self.groups * self.head_dim)
+        limit = max_latent_rank(self.input_width, self.groups * self.head_dim - rope_dim, self.groups * self.head_dim)
         if not 1 <= rank <= limit:
             raise TransMLAError(f"--kv-lora-rank {rank} is out of range: with --rope-dim {rope_dim} this model allows 1..{limit}")
 
@@ -95,7 +105,8 @@ class Geometry:
 
 
 def read_attention(tensors: TensorSource, layer: int, geo: Geometry) -> tuple[SourceAttention, torch.Tensor | None]:
-    """The layer's q/k/v/o weights and biases, and o_proj's own bias if any."""
+    """The layer's q/k/v/o weights and biases, and o_proj's own bias if any. With per-head q/k norms, the
+    attention on the pre-features (see `mla_layer`)."""
     prefix = f"model.layers.{layer}.self_attn."
 
     def get(name: str) -> torch.Tensor | None:
@@ -115,7 +126,23 @@ def read_attention(tensors: TensorSource, layer: int, geo: Geometry) -> tuple[So
             raise TransMLAError(f"tensor {prefix}{name}_proj.weight is missing from the checkpoint")
         if tuple(tensor.shape) != shape:
             raise TransMLAError(f"{prefix}{name}_proj.weight has shape {tuple(tensor.shape)} but the config implies {shape}: the config does not match the weights")
+    if geo.qk_norm:
+        src = pre_feature_attention(read_pre_projection(src, get, prefix, geo), src.o, geo.heads, geo.groups)
     return src, get("o_proj.bias")
+
+
+def read_pre_projection(src: SourceAttention, get: Any, prefix: str, geo: Geometry) -> PreProjection:
+    """The q/k/v projections and the per-head q/k norms that make the layer's pre-features."""
+    norms = {}
+    for name in ("q_norm", "k_norm"):
+        weight = get(f"{name}.weight")
+        if weight is None:
+            raise TransMLAError(f"tensor {prefix}{name}.weight is missing from the checkpoint")
+        if tuple(weight.shape) != (geo.head_dim,):
+            raise TransMLAError(f"{prefix}{name}.weight has shape {tuple(weight.shape)} but the config implies ({geo.head_dim},): the config does not match the weights")
+        norms[name] = weight
+    return PreProjection(src.q, src.k, src.v, norms["q_norm"], norms["k_norm"], geo.norm_eps,
+                         src.q_bias, src.k_bias, src.v_bias)
 
 
 def weight_statistics(src: SourceAttention) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +165,8 @@ def convert_attention(
     plan = plan_rope(key_cov, query, inv_freq, options.rope_dim, options.rope_context, options.rope_per_frequency)
     split = rotary_split(src, plan)
     latent = svd_latent(split.key_nope, src.v, rank)
-    return assemble_layer(src, split, latent, scaling), plan.kept_inv_freq
+    out = assemble_layer(src, split, latent, scaling)
+    return (out if src.pre is None else on_pre_features(out, src.pre)), plan.kept_inv_freq
 
 
 def output_dtype(options: ConvertOptions, config: Any) -> torch.dtype:
@@ -166,6 +194,7 @@ def build_config(source: Source, geo: Geometry, ranks: list[int], inv_freqs: lis
         eos_token_id=src.eos_token_id, tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
         attention_bias="model.layers.0.self_attn.q_proj.bias" in tensors or "model.layers.0.self_attn.kv_a_proj.bias" in tensors,
         attention_out_bias="model.layers.0.self_attn.o_proj.bias" in tensors,
+        qk_norm=geo.qk_norm, pre_proj_bias="model.layers.0.self_attn.pre_q_proj.bias" in tensors,
         mlp_bias=bool(getattr(src, "mlp_bias", False)),
         rope_theta=float(rope.get("rope_theta", getattr(src, "rope_theta", 10000.0))),
         source_model=source.name, source_architecture=src.model_type,
@@ -255,8 +284,7 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
                 layer = item
                 src, o_bias = read_attention(tensors, layer, geo)
                 converted, layer_freq = convert_attention(
-                    SourceAttention(**{k: (v.to(options.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(src).items()}),
-                    inv_freq.to(options.device), scaling, rank, options,
+                    src.to(options.device), inv_freq.to(options.device), scaling, rank, options,
                 )
             if o_bias is not None:
                 converted["o_proj.bias"] = converted.get("o_proj.bias", 0) + o_bias.to(options.device)

@@ -21,6 +21,7 @@ from .budget import LayerSpectrum, allocate_ranks, choose_split
 from .calibrate import LayerStats, LayerwiseRunner
 from .calibrated import METHODS, LayerSettings, convert_layer, layer_plan, replace_values, whiten_problem
 from .errors import TransMLAError
+from .mla_layer import on_pre_features
 from .rope_select import folded_split
 from .whiten import weighted_spectrum
 
@@ -53,7 +54,7 @@ def layer_settings(options: Any) -> LayerSettings:
         rope_select=getattr(options, "rope_select", "rotate"),
         freqfold=1 if str(fold) == "auto" else int(fold),
         shrink=calibrated and getattr(options, "query_shrink", True),
-        key_weight=getattr(options, "score_weight", 10.0),
+        key_weight=getattr(options, "score_weight", 30.0),
         rope_context=options.rope_context,
         per_frequency=getattr(options, "rope_per_frequency", False),
     )
@@ -172,7 +173,7 @@ class LayerStream:
             if runner is not None:
                 stats, scale = runner.statistics(layer, src), runner.residual_energy()
             else:
-                stats, scale = identity_stats(self.geo.hidden, self.geo.heads, self.geo.head_dim), 1.0
+                stats, scale = identity_stats(self.geo.input_width, self.geo.heads, self.geo.head_dim), 1.0
             spectra.append(layer_spectrum(src, _move_stats(stats, self.device), self.inv_freq.to(self.device),
                                           settings, candidates, scale))
             if runner is not None:
@@ -197,23 +198,29 @@ class LayerStream:
             yield layer, converted, freqs
 
     def _full_rank(self, converted: dict[str, torch.Tensor], rope_dim: int) -> int:
-        return min(self.geo.hidden, 2 * self.geo.groups * self.geo.head_dim - rope_dim)
+        return min(self.geo.input_width, 2 * self.geo.groups * self.geo.head_dim - rope_dim)
 
     def _convert(self, runner: LayerwiseRunner | None, layer: int, src: Any, o_bias: torch.Tensor | None,
                  stats: LayerStats | None, inv_freq: torch.Tensor, rank: int, rope_dim: int):
         fold = getattr(self.options, "freqfold", 1)
         if str(fold) != "auto" or runner is None:
-            return convert_layer(src, stats, inv_freq, self.scaling, rank, rope_dim, self.settings)
+            return _convert_layer(src, stats, inv_freq, self.scaling, rank, rope_dim, self.settings)
         best = None
         for f in FREQFOLD_AUTO:
             if (self.geo.head_dim // 2) % f:
                 continue
             settings = LayerSettings(**{**vars(self.settings), "freqfold": f})
-            converted, freqs = convert_layer(src, stats, inv_freq, self.scaling, rank, rope_dim, settings)
+            converted, freqs = _convert_layer(src, stats, inv_freq, self.scaling, rank, rope_dim, settings)
             loss = runner.attention_error(layer, src, None, converted, rank, freqs, samples=max(1, runner.samples // 4))
             if best is None or loss < best[0]:
                 best = (loss, converted, freqs)
         return best[1], best[2]
+
+
+def _convert_layer(src: Any, *args: Any) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """`convert_layer`; on pre-features, with q_proj and kv_a_proj narrowed to what the converted layer feeds them."""
+    converted, freqs = convert_layer(src, *args)
+    return (converted if src.pre is None else on_pre_features(converted, src.pre)), freqs
 
 
 def _with_bias(converted: dict[str, torch.Tensor], o_bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -223,9 +230,7 @@ def _with_bias(converted: dict[str, torch.Tensor], o_bias: torch.Tensor | None) 
 
 
 def _move(src: Any, device: torch.device) -> Any:
-    from .mla_layer import SourceAttention
-
-    return SourceAttention(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(src).items()})
+    return src.to(device)
 
 
 def _move_stats(stats: LayerStats | None, device: torch.device) -> LayerStats | None:

@@ -23,7 +23,10 @@ the first components (TransMLA's RoRoPE). Dropping the rotation of (i, j) change
 q . (R_i(Delta) - I) k', whose mean square over distances Delta in [0, L] is about
 |q_ij|^2 |k'_ij|^2 * 2 (1 - sin(theta_i L) / (theta_i L)): low frequencies barely rotate over a context and cost
 almost nothing to drop. The components with the largest such cost are kept, so a high frequency may keep
-several components and a low one none.
+several components and a low one none. L (`--rope-context`) defaults to 16: attention weight sits mostly on
+nearby tokens, so short distances are the ones that matter. Weights-only on SmolLM2-135M (R=320, D=64,
+perplexity on 2 windows of the WikiText-2 validation text, original 13.8): L = 4096: 376, 256: 209, 64: 110,
+16: 69.8, 4: 69.8. Calibrated methods replace this prior by the measured attention distances (`rope_select`).
 """
 
 from __future__ import annotations

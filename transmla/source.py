@@ -16,7 +16,9 @@ SUPPORTED_ARCHITECTURES = {
     "llama": "Llama 2/3 (MHA and GQA, llama3 RoPE scaling), SmolLM",
     "qwen2": "Qwen2 / Qwen2.5 (q/k/v biases)",
     "mistral": "Mistral (full attention)",
+    "qwen3": "Qwen3 (per-head q/k RMSNorm, converted on its pre-features)",
 }
+QK_NORM_ARCHITECTURES = {"qwen3"}  # per-head RMSNorm on q and k before RoPE
 UNSUPPORTED_ROPE = {"dynamic", "longrope"}
 
 

@@ -66,7 +66,12 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def check_exportable(config: dict[str, Any], tensors: SafetensorsSource) -> None:
-    """Refuse what DeepSeek-V3 can not express: attention biases, MLP biases."""
+    """Refuse what DeepSeek-V3 can not express: per-head q/k norms, attention biases, MLP biases."""
+    if config.get("qk_norm"):
+        raise TransMLAError(
+            "this model RMS-normalises each query and key head before its latent (qk_norm, from a Qwen3 source), and "
+            "stock DeepSeek-V3 has no per-head key norm, so it can not be exported; serve it in the transmla format instead"
+        )
     if config.get("mlp_bias"):
         raise TransMLAError("the MLP has biases, which DeepSeek-V3's MLP does not have; this model can not be exported")
     for layer in range(config["num_hidden_layers"]):

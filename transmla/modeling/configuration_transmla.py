@@ -9,7 +9,8 @@ from transformers import PretrainedConfig
 
 class TransMLAConfig(PretrainedConfig):
     """Llama-style decoder whose attention caches a latent of `kv_lora_rank[l]` values plus a shared
-    rotary key of `qk_rope_head_dim` values per token and layer."""
+    rotary key of `qk_rope_head_dim` values per token and layer. With `qk_norm`, q_proj and kv_a_proj read
+    per-head RMS-normalised query and key features (Qwen3) instead of the hidden state."""
 
     model_type = "transmla"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -39,6 +40,8 @@ class TransMLAConfig(PretrainedConfig):
         attention_bias: bool = False,
         attention_out_bias: bool = False,
         mlp_bias: bool = False,
+        qk_norm: bool = False,
+        pre_proj_bias: bool = False,
         attention_dropout: float = 0.0,
         rope_theta: float = 10000.0,
         source_model: str | None = None,
@@ -73,6 +76,8 @@ class TransMLAConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.attention_out_bias = attention_out_bias
         self.mlp_bias = mlp_bias
+        self.qk_norm = qk_norm  # per-head RMSNorm on q and k before the projections (see docs/format.md)
+        self.pre_proj_bias = pre_proj_bias  # biases on pre_q_proj / pre_k_proj / pre_v_proj
         self.attention_dropout = attention_dropout
         self.rope_theta = rope_theta
         self.source_model = source_model

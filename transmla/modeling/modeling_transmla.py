@@ -6,6 +6,10 @@ form through SDPA; decoding runs the absorbed form (DeepSeek-V2, appendix C): th
 to the query, attention is computed directly against the cached latent, and the value up-projection is applied
 to the attended latent before `o_proj`.
 
+With `qk_norm` (sources with per-head RMSNorm on q and k, e.g. Qwen3) q_proj reads the normalised query
+q_norm(pre_q_proj(x)) and kv_a_proj the normalised key and the value [k_norm(pre_k_proj(x)); pre_v_proj(x)]
+instead of x; the cache and everything after the projections are the same.
+
 By default the cache is a `LatentCache`: per layer, preallocated buffers written in place (no per-step copy of the
 whole cache), holding the latent as "keys" [B, 1, T, R] and the rotated shared key as "values" [B, 1, T, D].
 """
@@ -272,12 +276,31 @@ class TransMLAAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_form = "auto"
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * (self.head_dim + self.rope_dim), bias=config.attention_bias)
-        self.kv_a_proj = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
+        self.qk_norm = config.qk_norm
+        q_in, kv_in = h, h
+        if self.qk_norm:
+            q_in, kv_in = self.num_heads * self.head_dim, 2 * self.num_groups * self.head_dim
+            self.pre_q_proj = nn.Linear(h, q_in, bias=config.pre_proj_bias)
+            self.pre_k_proj = nn.Linear(h, kv_in // 2, bias=config.pre_proj_bias)
+            self.pre_v_proj = nn.Linear(h, kv_in // 2, bias=config.pre_proj_bias)
+            self.q_norm = TransMLARMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = TransMLARMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.q_proj = nn.Linear(q_in, self.num_heads * (self.head_dim + self.rope_dim), bias=config.attention_bias)
+        self.kv_a_proj = nn.Linear(kv_in, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_groups * 2 * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.attention_out_bias)
         self.rotary = SharedRotary(config.rope_inv_freq[layer_idx], config.rope_attention_scaling)
         self._per_head: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def projection_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs of q_proj and kv_a_proj: x itself, or with qk_norm the per-head normalised query, and the
+        per-head normalised key next to the value."""
+        if not self.qk_norm:
+            return x, x
+        heads = lambda y: y.unflatten(-1, (-1, self.head_dim))  # noqa: E731
+        q = self.q_norm(heads(self.pre_q_proj(x))).flatten(-2)
+        k = self.k_norm(heads(self.pre_k_proj(x))).flatten(-2)
+        return q, torch.cat((k, self.pre_v_proj(x)), dim=-1)
 
     def forward(
         self,
@@ -289,10 +312,11 @@ class TransMLAAttention(nn.Module):
         rope: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         bsz, q_len, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim + self.rope_dim)
+        q_in, kv_in = self.projection_inputs(hidden_states)
+        q = self.q_proj(q_in).view(bsz, q_len, self.num_heads, self.head_dim + self.rope_dim)
         q = q.transpose(1, 2)
         q_nope, q_rope = q.split([self.head_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj(kv_in).split([self.kv_lora_rank, self.rope_dim], dim=-1)
 
         cos, sin, rot = rope if rope is not None else (*self.rotary.cos_sin(position_ids, hidden_states.dtype), None)
         if rot is None:
