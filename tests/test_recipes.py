@@ -20,7 +20,7 @@ CONVERT = typer.main.get_command(app).commands["convert"]
 
 def test_recipes_exist_for_each_family():
     names = " ".join(p.name for p in RECIPES)
-    for family in ("smollm2", "llama-3-8b", "qwen2.5-7b", "mistral-7b"):
+    for family in ("smollm2", "llama-3-8b", "qwen2.5-7b", "qwen3-8b", "mistral-7b"):
         assert family in names
 
 

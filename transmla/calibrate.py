@@ -173,11 +173,11 @@ class LayerwiseRunner:
         self.eps = float(config.rms_norm_eps)
         self.samples, self.length = input_ids.shape
         self.batch = max(1, chunk_tokens // self.length)
-        embed = tensors.get("model.embed_tokens.weight", torch.float32)
+        embed = tensors.get("model.embed_tokens.weight")  # source dtype: only the looked-up rows become float32
         shape = (self.samples, self.length, embed.shape[1])
         self.hidden = hidden_buffer(shape, self.device, offload, scratch_dir)  # [N, T, h]
         for start in range(0, self.samples, self.batch):
-            self.hidden[start:start + self.batch] = embed[input_ids[start:start + self.batch].to(embed.device)]
+            self.hidden[start:start + self.batch] = embed[input_ids[start:start + self.batch].to(embed.device)].float()
         del embed
         self.cos, self.sin = rope_tables(inv_freq, self.length, scaling, self.device)
 

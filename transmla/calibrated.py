@@ -117,7 +117,8 @@ def value_bias_correction(src: SourceAttention, latent: LatentFactors, value_mea
     d, groups = src.head_dim, src.groups
     err = (src.v - latent.up_value @ latent.down).view(groups, d, -1)[src.group_of_head]  # [H, d, h]
     o = head_blocks(src.o, src.heads)  # [H, hidden, d]
-    return torch.einsum("hxd,hdy,hy->x", o, err, value_mean)
+    per_head = torch.einsum("hdy,hy->hd", err, value_mean)  # contract the input dim first: no [H, hidden, hidden]
+    return torch.einsum("hxd,hd->x", o, per_head)
 
 
 def replace_values(out: dict[str, torch.Tensor], up_value: torch.Tensor, o_bias: torch.Tensor, groups: int,
