@@ -74,6 +74,9 @@ METHODS = {
 }
 
 
+ABLATIONS = ("whiten-sw3", "whiten-sw10", "whiten-sw100", "whiten-energy", "whiten-split")  # in the table, not the plot
+
+
 def generalisation_text() -> str:
     """The Python Language Reference topics that ship with CPython (pydoc_data), in topic order."""
     import pydoc_data.topics as topics
@@ -190,6 +193,8 @@ def plot(rows: list[dict[str, Any]], path: Path, base: dict[str, Any]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in METHODS:
+        if name in ABLATIONS:
+            continue
         pts = sorted((r["kv_values_per_token"] * 2, r["ppl_main"]) for r in rows if r["method"] == name)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=METHODS[name].label)
