@@ -1,27 +1,25 @@
-"""Conversion of tiny random Llama / Qwen2 / Mistral models: exact at full rank, loadable, cache really shrinks."""
+"""Conversion of tiny random Llama / Qwen2 / Qwen3 / Mistral models: exact at full rank, loadable, cache really shrinks."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import transmla.convert as convert_module
-from tiny import save_source
+from tiny import interrupt_second_layer, save_source
 from transmla.convert import ConvertOptions, convert
 from transmla.errors import TransMLAError
 
-KINDS = ["llama-mha", "llama-gqa", "llama3", "qwen2", "mistral"]
+KINDS = ["llama-mha", "llama-gqa", "llama3", "qwen2", "qwen3", "qwen3-bias", "mistral"]
 SEQ = 72
 
 
 def full_rank_options(model, **kwargs) -> ConvertOptions:
     """RoPE key of all key heads (G*d) and a full latent: the conversion must be exact."""
     cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope_dim = cfg.num_key_value_heads * head_dim
     rank = min(cfg.hidden_size, 2 * cfg.num_key_value_heads * head_dim - rope_dim)
     return ConvertOptions(kv_lora_rank=rank, rope_dim=rope_dim, dtype="float32", **kwargs)
@@ -141,16 +139,7 @@ def test_sharded_source_is_read_lazily(tmp_path):
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     source = save_source("llama-gqa", tmp_path / "src")
-    calls = {"n": 0}
-    real = convert_module.convert_attention
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(convert_module, "convert_attention", failing)
+    interrupt_second_layer(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(str(tmp_path / "src"), tmp_path / "mla", full_rank_options(source), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

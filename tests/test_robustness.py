@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import transmla.convert as convert_module
 import transmla.io.writer as writer_module
-from tiny import save_source
+from tiny import interrupt_second_layer, save_source
 from transmla.cli import app
 from transmla.failures import Terminated, terminate_as_interrupt
 from transmla.io import SafetensorsSource, ShardedSafetensorsWriter
@@ -147,16 +147,7 @@ def test_interrupt_during_overwrite_keeps_the_old_output(source, tmp_path, monke
     out = tmp_path / "mla"
     assert run("convert", source, "--out", out, *ARGS).exit_code == 0
     before = snapshot(out)
-    calls = {"n": 0}
-    real = convert_module.convert_attention
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(convert_module, "convert_attention", interrupted)
+    interrupt_second_layer(monkeypatch)
     result = run("convert", source, "--out", out, "-r", "16", "-d", "8", "--device", "cpu", "--overwrite")
     assert result.exit_code == 130
     assert snapshot(out) == before

@@ -97,3 +97,19 @@ def save_source(kind: str, folder: Path, seed: int = 0, **save_kwargs):
     model.save_pretrained(folder, **save_kwargs)
     byte_tokenizer().save_pretrained(folder)
     return model
+
+
+def interrupt_second_layer(monkeypatch) -> None:
+    """Make the weights-only conversion raise KeyboardInterrupt on its second layer (as Ctrl-C would)."""
+    import transmla.convert as convert_module
+
+    real = convert_module.convert_attention
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "convert_attention", interrupted)

@@ -72,8 +72,8 @@ class PreProjection:
             return F.linear(x, w.to(x), None if b is None else b.to(x))
 
         def per_head_norm(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            y = y.unflatten(-1, (-1, self.head_dim))
-            return (weight.to(y) * y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+            heads = y.unflatten(-1, (-1, self.head_dim))
+            return F.rms_norm(heads, (self.head_dim,), weight.to(y), self.eps).flatten(-2)
 
         q = per_head_norm(linear(self.q, self.q_bias), self.q_norm)
         k = per_head_norm(linear(self.k, self.k_bias), self.k_norm)
