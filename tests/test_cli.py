@@ -135,3 +135,10 @@ def test_bad_offload_mode_is_one_line(source, tmp_path):
                  "--method", "whiten", "--calib-file", source / "text.txt", "--calib-offload", "sometimes")
     assert_one_line_error(result, "sometimes")
     assert not (tmp_path / "mla").exists()
+
+
+def test_non_positive_score_weight_is_one_line(source, tmp_path):
+    result = run("convert", source / "src", "--out", tmp_path / "mla", "-r", "12", "-d", "8", "--device", "cpu",
+                 "--method", "whiten", "--calib-file", source / "text.txt", "--score-weight", "0")
+    assert_one_line_error(result, "--score-weight")
+    assert not (tmp_path / "mla").exists()

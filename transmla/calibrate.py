@@ -121,6 +121,11 @@ def source_attention_probs(src: SourceAttention, x: torch.Tensor, cos: torch.Ten
 OFFLOAD_MODES = ("auto", "never", "always")
 
 
+def check_offload_mode(offload: str) -> None:
+    if offload not in OFFLOAD_MODES:
+        raise TransMLAError(f"--calib-offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+
+
 def hidden_buffer(shape: tuple[int, int, int], device: torch.device, offload: str = "auto",
                   scratch_dir: Path | None = None) -> torch.Tensor:
     """An uninitialised float32 [N, T, h] buffer for the calibration hidden states.
@@ -129,8 +134,7 @@ def hidden_buffer(shape: tuple[int, int, int], device: torch.device, offload: st
     memory-mapped file under `scratch_dir` (default: the system's temporary folder). The file is unlinked at once,
     so the kernel frees it when the process ends, however it ends. offload="never" keeps it on `device`.
     """
-    if offload not in OFFLOAD_MODES:
-        raise TransMLAError(f"calibration offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+    check_offload_mode(offload)
     numel = shape[0] * shape[1] * shape[2]
     if offload == "never" or (offload == "auto" and 4 * numel <= free_memory(device) // 2):
         return torch.empty(shape, dtype=torch.float32, device=device)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .budget import LayerSpectrum, allocate_ranks, choose_split
-from .calibrate import LayerStats, LayerwiseRunner
+from .calibrate import LayerStats, LayerwiseRunner, check_offload_mode
 from .calibrated import METHODS, LayerSettings, convert_layer, layer_plan, replace_values, whiten_problem
 from .errors import TransMLAError
 from .mla_layer import on_pre_features
@@ -112,6 +112,9 @@ class LayerStream:
         self.settings = settings or layer_settings(options)
         self.progress = progress
         self.calibrated = options.method in CALIBRATED if calibrate is None else calibrate
+        if self.settings.key_weight <= 0:
+            raise TransMLAError(f"--score-weight {self.settings.key_weight} must be positive")
+        check_offload_mode(getattr(options, "calib_offload", "auto"))
         self.ids = calibration_ids(source, options, source.load_tokenizer()) if self.calibrated else None
         allocation = getattr(options, "rank_allocation", "uniform")
         if allocation not in ALLOCATIONS:
