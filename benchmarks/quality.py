@@ -39,7 +39,7 @@ from transmla.layerwise import LayerStream, layer_settings  # noqa: E402
 from transmla.rope import source_rope  # noqa: E402
 from transmla.source import open_source  # noqa: E402
 
-DATA = Path("/work/shared/data")
+DATA = ROOT.parent / "shared" / "data"  # the data folder beside the repository (see its README)
 BUDGETS = (1.0, 0.75, 0.5, 0.25)
 ROPE_DIM = 64
 

@@ -39,7 +39,6 @@ class LayerStats:
     shrink: torch.Tensor  # [H, d/2, 2]
     value_mean: torch.Tensor  # [H, h]
     value_second: torch.Tensor  # [h, h]: mean over heads of E_t xbar_h xbar_h^T
-    attended_second: torch.Tensor  # [h, h]: mean over heads of E_t sum_s p_h(t, s) x_s x_s^T
 
     @property
     def cov(self) -> torch.Tensor:
@@ -50,14 +49,8 @@ class LayerStats:
         heads = self.value_mean.shape[0]
         return self.value_second - self.value_mean.T @ self.value_mean / heads
 
-    def within_cov(self) -> torch.Tensor:
-        """[h, h]: E_t sum_s p(t, s) (x_s - xbar_t)(x_s - xbar_t)^T, the spread of the keys a query attends, averaged
-        over heads."""
-        return self.attended_second - self.value_second
-
     def independent_blocks(self, split: int) -> "LayerStats":
-        """These moments with inputs [:split] and [split:] made uncorrelated (cov, value_cov and within_cov
-        block-diagonal; means and diagonal blocks kept).
+        """These moments with inputs [:split] and [split:] made uncorrelated (cov and value_cov block-diagonal; means and diagonal blocks kept).
 
         On pre-features z = [q_n; k_n; v] the converted kv_a_proj reads only [k_n; v]. A latent error E with zero
         q_n columns costs tr(M E S E^T) = tr(M E_kv S_kv E_kv^T) whatever S's cross block, and with that block
@@ -74,8 +67,7 @@ class LayerStats:
         second = decoupled(self.second, torch.outer(self.mean, self.mean))
         heads = self.value_mean.shape[0]
         value_second = decoupled(self.value_second, self.value_mean.T @ self.value_mean / heads)
-        attended_second = decoupled(self.attended_second, value_second)
-        return LayerStats(self.tokens, self.mean, second, self.shrink, self.value_mean, value_second, attended_second)
+        return LayerStats(self.tokens, self.mean, second, self.shrink, self.value_mean, value_second)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -96,7 +88,33 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def source_attention_probs(src: SourceAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_mask(length: int, device: Any) -> torch.Tensor:
+    """[T, T] additive causal mask: 0 where a query may see a key, -inf above the diagonal."""
+    return torch.full((length, length), float("-inf"), device=device).triu(1)
+
+
+def grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q k^T [B, H, T, S] for q [B, H, T, e] and k [B, G, S, e], head h reading group h // (H/G), without
+    repeating the keys."""
+    bsz, heads, length, _ = q.shape
+    groups = k.shape[1]
+    grouped = q.reshape(bsz, groups, heads // groups * length, -1)
+    return (grouped @ k.transpose(-1, -2)).view(bsz, heads, length, k.shape[2])
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, H, T, e] against k, v [B, G, T, *] under an additive mask: probabilities
+    [B, H, T, T] and the output [B, H, T, d]."""
+    bsz, heads, length, _ = q.shape
+    groups = k.shape[1]
+    probs = grouped_scores(q, k).mul_(scale).add_(mask).softmax(-1)
+    out = probs.view(bsz, groups, -1, length) @ v  # [B, G, (H/G) T, d]
+    return probs, out.view(bsz, heads, length, -1)
+
+
+def source_attention_probs(src: SourceAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of the source layer on x [B, T, h]: probabilities [B, H, T, T] and per-head output
     before o_proj [B, T, H*d] (float32)."""
     bsz, length, _ = x.shape
@@ -109,16 +127,13 @@ def source_attention_probs(src: SourceAttention, x: torch.Tensor, cos: torch.Ten
     q = rotate(proj(src.q, src.q_bias, heads), cos, sin)
     k = rotate(proj(src.k, src.k_bias, groups), cos, sin)
     v = proj(src.v, src.v_bias, groups)
-    rep = heads // groups
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * d**-0.5
-    mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    out = (probs @ v).transpose(1, 2).reshape(bsz, length, heads * d)
-    return probs, out
+    mask = causal_mask(length, x.device) if mask is None else mask
+    probs, out = grouped_attention(q, k, v, d**-0.5, mask)
+    return probs, out.transpose(1, 2).reshape(bsz, length, heads * d)
 
 
 OFFLOAD_MODES = ("auto", "never", "always")
+REFIT_TOKENS = 8192  # calibration tokens (queries) that the least-squares value refit uses
 
 
 def check_offload_mode(offload: str) -> None:
@@ -184,6 +199,9 @@ class LayerwiseRunner:
             self.hidden[start:start + self.batch] = embed[input_ids[start:start + self.batch].to(embed.device)].float()
         del embed
         self.cos, self.sin = rope_tables(inv_freq, self.length, scaling, self.device)
+        self.mask = causal_mask(self.length, self.device)
+        # The value refit solves (R+1)-wide least squares per group: REFIT_TOKENS queries are ample.
+        self.refit_samples = max(1, min(self.samples, REFIT_TOKENS // self.length))
 
     def norm_weight(self, layer: int, name: str = "input_layernorm") -> torch.Tensor:
         return self.tensors.get(f"model.layers.{layer}.{name}.weight", torch.float32).to(self.device)
@@ -198,7 +216,11 @@ class LayerwiseRunner:
 
     @torch.no_grad()
     def statistics(self, layer: int, src: SourceAttention) -> LayerStats:
-        """Input moments, the attention-distance rotation averages and the attention-averaged input moments."""
+        """Input moments, the attention-distance rotation averages and the attention-averaged input moments.
+
+        Products are float32 per chunk, sums float64. The value moments need no per-head xbar_h: summed over
+        heads, sum_t xbar_h xbar_h^T = X^T (sum_h P_h^T P_h) X, one [T, T] Gram matrix per sequence.
+        """
         h, heads, half = src.k.shape[1], src.heads, src.head_dim // 2
         dev, f64 = self.device, torch.float64
         src32 = _to(src, torch.float32, dev)
@@ -206,30 +228,27 @@ class LayerwiseRunner:
         second = torch.zeros(h, h, dtype=f64, device=dev)
         vmean = torch.zeros(heads, h, dtype=f64, device=dev)
         vsecond = torch.zeros(h, h, dtype=f64, device=dev)
-        asecond = torch.zeros(h, h, dtype=f64, device=dev)
         rot = torch.zeros(heads, half, 2, dtype=f64, device=dev)
         cs = torch.cat([self.cos[:, :half], self.sin[:, :half]], dim=-1) / self.scaling  # [T, 2F]: cos, sin of s*theta
         cos_t, sin_t = cs[:, :half], cs[:, half:]
         count = 0
         for _, x in self.chunks(layer):
             x = src32.inputs(x)  # the pre-features z when the layer has per-head q/k norms
-            probs, _ = source_attention_probs(src32, x, self.cos, self.sin)
-            flat = x.reshape(-1, h).to(f64)
-            total += flat.sum(0)
-            second += flat.T @ flat
+            probs, _ = source_attention_probs(src32, x, self.cos, self.sin, self.mask)
+            bsz, length = x.shape[:2]
+            flat = x.reshape(-1, h)
+            total += flat.sum(0).to(f64)
+            second += (flat.T @ flat).to(f64)
             a = probs @ cs  # [B, H, T, 2F]: sum_s p cos(s theta), sum_s p sin(s theta)
             ac, asn = a[..., :half], a[..., half:]
             rot[..., 0] += (cos_t * ac + sin_t * asn).sum(dim=(0, 2)).to(f64)
             rot[..., 1] += (sin_t * ac - cos_t * asn).sum(dim=(0, 2)).to(f64)
-            for head in range(heads):  # one head at a time: xbar of all heads at once is [B, H, T, h]
-                xbar = (probs[:, head] @ x).reshape(-1, h).to(f64)
-                vmean[head] += xbar.sum(0)
-                vsecond += xbar.T @ xbar
-            received = probs.sum(dim=(1, 2)).reshape(-1, 1).to(f64)  # attention each key receives, summed over heads
-            asecond += (flat * received).T @ flat
+            stacked = probs.reshape(bsz, heads * length, length)
+            gram = stacked.transpose(1, 2) @ stacked  # [B, T, T]: sum_h P_h^T P_h
+            vsecond += (flat.T @ (gram @ x).reshape(-1, h)).to(f64)
+            vmean += torch.einsum("bhs,bsx->hx", probs.sum(2), x).to(f64)  # sum_t xbar_h(t), per head
             count += flat.shape[0]
-        stats = LayerStats(count, total / count, second / count, rot / count, vmean / count,
-                           vsecond / (count * heads), asecond / (count * heads))
+        stats = LayerStats(count, total / count, second / count, rot / count, vmean / count, vsecond / (count * heads))
         return stats if src.pre is None else stats.independent_blocks(src.pre.widths[0])
 
     @torch.no_grad()
@@ -251,7 +270,7 @@ class LayerwiseRunner:
 
         total, count = 0.0, 0
         for _, x in self.chunks(layer, samples):
-            _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin)
+            _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin, self.mask)
             ref = F.linear(out, src32.o, None)
             bsz, length, _ = x.shape
             pos = torch.arange(length, device=self.device)[None].expand(bsz, -1)
@@ -262,40 +281,6 @@ class LayerwiseRunner:
             total += float((got - ref).double().pow(2).sum())
             count += bsz * length
         return total / count
-
-    @torch.no_grad()
-    def refit_output(self, layer: int, src: SourceAttention, attention: dict[str, torch.Tensor], rank: int,
-                     rope_inv_freq: list[float], rel: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-        """Least-squares o_proj (weight and bias) mapping the converted heads' outputs to the source's attention
-        output on the current inputs: W, b = argmin E|W o_conv + b - W_o o_src|^2 (ridge `rel` * mean diag)."""
-        module = self.converted_layer(layer, attention, rank, rope_inv_freq).self_attn
-        src32 = _to(src, torch.float32, self.device)
-        captured: list[torch.Tensor] = []
-        hook = module.o_proj.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
-        from .modeling.modeling_transmla import build_masks
-
-        width = src.o.shape[1] + 1
-        gram = torch.zeros(width, width, dtype=torch.float64, device=self.device)
-        cross = torch.zeros(src.o.shape[0], width, dtype=torch.float64, device=self.device)
-        try:
-            for _, x in self.chunks(layer):
-                _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin)
-                ref = F.linear(out, src32.o).reshape(-1, src.o.shape[0]).double()
-                bsz, length, _ = x.shape
-                pos = torch.arange(length, device=self.device)[None].expand(bsz, -1)
-                mask, key_mask = build_masks(None, bsz, length, length, self.device)
-                captured.clear()
-                module(x, pos, mask, key_mask, None)
-                feats = captured[0].reshape(bsz * length, -1).double()
-                feats = torch.cat([feats, torch.ones_like(feats[:, :1])], dim=1)
-                gram += feats.T @ feats
-                cross += ref.T @ feats
-        finally:
-            hook.remove()
-        reg = rel * gram.diagonal()[:-1].mean() * torch.eye(width, dtype=gram.dtype, device=gram.device)
-        reg[-1, -1] = 0
-        sol = torch.linalg.solve(gram + reg, cross.T).T
-        return sol[:, :-1], sol[:, -1]
 
     @torch.no_grad()
     def refit_values(self, layer: int, src: SourceAttention, attention: dict[str, torch.Tensor], rank: int,
@@ -314,11 +299,11 @@ class LayerwiseRunner:
         gram = torch.zeros(groups, rank + 1, rank + 1, dtype=torch.float64, device=self.device)
         cross = torch.zeros(groups, d, rank + 1, dtype=torch.float64, device=self.device)
         latent_attn = LatentAttention(attention, rank, rope_inv_freq, self.scaling, heads, groups, d, self.device)
-        for _, x in self.chunks(layer):
+        for _, x in self.chunks(layer, self.refit_samples):
             z = src32.inputs(x)
-            _, out = source_attention_probs(src32, z, self.cos, self.sin)
+            _, out = source_attention_probs(src32, z, self.cos, self.sin, self.mask)
             q_in, kv_in = (z, z) if src32.pre is None else src32.pre.split(z)
-            probs, latent = latent_attn.probs(q_in, kv_in)
+            probs, latent = latent_attn.probs(q_in, kv_in, self.mask)
             cbar = (probs @ latent[:, None]).double()  # [B, H, T, R]
             cbar = torch.cat([cbar, torch.ones_like(cbar[..., :1])], dim=-1)
             target = out.view(*out.shape[:2], heads, d).transpose(1, 2).double()  # [B, H, T, d]
@@ -346,7 +331,7 @@ class LayerwiseRunner:
         act = ACT2FN[self.config.hidden_act]
         ob = None if o_bias is None else o_bias.to(self.device, torch.float32)
         for rows, x in self.chunks(layer):
-            _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin)
+            _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin, self.mask)
             hidden = self.hidden[rows].to(self.device) + F.linear(out, src32.o, ob)
             y = rms_norm(hidden, post, self.eps)
             mlp = F.linear(act(F.linear(y, gate, gate_b)) * F.linear(y, up, up_b), down, down_b)
@@ -404,7 +389,8 @@ class LatentAttention:
         self.inv_freq = torch.tensor(rope_inv_freq, dtype=torch.float64)
         self.scaling, self.device = scaling, device
 
-    def probs(self, x: torch.Tensor, kv_x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def probs(self, x: torch.Tensor, kv_x: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention weights [B, H, T, T] and the latent [B, T, R]; q_proj reads x, kv_a_proj `kv_x` (default x)."""
         bsz, length, _ = x.shape
         d, D = self.d, self.rope_dim
@@ -415,10 +401,9 @@ class LatentAttention:
         cos, sin = rope_tables(self.inv_freq, length, self.scaling, x.device)
         q_rope, k_rope = rotate(q_rope, cos, sin), rotate(k_rope, cos, sin)
         k_nope = F.linear(latent, self.b_w).view(bsz, length, self.groups, 2 * d)[..., :d].transpose(1, 2)
-        k_nope = k_nope.repeat_interleave(self.heads // self.groups, dim=1)
-        scores = (q_nope @ k_nope.transpose(-1, -2) + q_rope @ k_rope[:, None].transpose(-1, -2)) * d**-0.5
-        mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-        return scores.masked_fill(~mask, float("-inf")).softmax(-1), latent
+        scores = grouped_scores(q_nope, k_nope).add_(q_rope @ k_rope[:, None].transpose(-1, -2))  # the rotary key is shared
+        mask = causal_mask(length, x.device) if mask is None else mask
+        return scores.mul_(d**-0.5).add_(mask).softmax(-1), latent
 
 
 def _to(src: SourceAttention, dtype: torch.dtype, device: torch.device) -> SourceAttention:

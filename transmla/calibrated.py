@@ -11,7 +11,7 @@ from .errors import TransMLAError
 from .factorize import LatentFactors, max_latent_rank, svd_latent
 from .mla_layer import SourceAttention, assemble_layer
 from .rope_select import FoldedPlan, folded_split, plan_folded, rope_stats
-from .whiten import WeightedProblem, balanced_pca, weighted_latent
+from .whiten import WeightedProblem, balanced_pca, floored, weighted_latent
 
 METHODS = ("svd", "pca", "whiten")
 
@@ -28,7 +28,6 @@ class LayerSettings:
     iterations: int = 4  # alternating refinements of the two-covariance objective (whiten)
     rope_context: int = 16
     latent_key_scale: float | None = None  # svd only: None = balanced
-    key_cov: str = "token"  # token: covariance of x; within: spread of the attended keys
     per_frequency: bool = False  # one rotary component per frequency (exportable to stock DeepSeek code)
 
 
@@ -107,8 +106,8 @@ def whiten_problem(src: SourceAttention, stats: LayerStats, nope_to_heads: torch
     second, mean = stats.second.to(dt), stats.mean.to(dt)
     key_w = key_weight_matrix(q_nope, q_nope_bias, nope_to_heads, second, mean, src)
     value_w = value_weight_matrix(src)
-    token_cov = stats.cov.to(dt) if settings.key_cov == "token" else stats.within_cov().to(dt)
-    value_cov = stats.value_cov().to(dt)
+    token_cov = floored(stats.cov.to(dt))
+    value_cov = floored(stats.value_cov().to(dt))
     return WeightedProblem(key_nope, src.v, settings.key_weight * key_w, value_w, token_cov, value_cov)
 
 

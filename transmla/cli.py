@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import TransMLAError
@@ -36,12 +37,12 @@ def friendly_errors(command: Callable) -> Callable:
             with terminate_as_interrupt():
                 return command(*args, **kwargs)
         except TransMLAError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except OSError as exc:
             if (line := disk_error_line(exc)) is None:
                 raise
-            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             err_console.print("interrupted: nothing was written")
@@ -281,6 +282,7 @@ def heal(
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (AdamW, cosine schedule)."),
     warmup: float = typer.Option(0.05, "--warmup", help="Warm-up share of the steps."),
     temperature: float = typer.Option(1.0, "--temperature", help="Distillation temperature."),
+    kl_weight: float = typer.Option(1.0, "--kl-weight", help="Weight of the KL divergence to the teacher."),
     ce_weight: float = typer.Option(0.0, "--ce-weight", help="Weight of the cross-entropy on the text, added to the KL."),
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in the backward pass."),
     mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto (bf16 on a GPU), bf16, fp16, no."),
@@ -299,7 +301,7 @@ def heal(
     options = HealOptions(
         tokens=parse_tokens(tokens), text_file=str(text_file) if text_file else None, dataset=dataset,
         self_distill=self_distill, teacher=teacher, train=train, seq_len=seq_len, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, warmup=warmup, temperature=temperature, ce_weight=ce_weight,
+        grad_accum=grad_accum, lr=lr, warmup=warmup, temperature=temperature, kl_weight=kl_weight, ce_weight=ce_weight,
         gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, eval_every=eval_every,
         checkpoint_every=checkpoint_every, work_dir=str(work_dir) if work_dir else None, resume=resume, seed=seed,
         dtype=dtype, overwrite=overwrite,

@@ -240,6 +240,8 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
     dtype = output_dtype(options, source.config)
     inv_freq, scaling = source_rope(source.config)
     tokenizer = source.load_tokenizer()
+    if tokenizer is None:
+        tqdm.write(f"note: {spec} has no tokenizer files; the converted folder is written without them (copy them in to use it with AutoTokenizer)")
     generation_config = source.load_generation_config()
 
     tensors = source.tensors
@@ -306,7 +308,8 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
         config.save_pretrained(tmp)
         for name in MODELING_FILES:
             shutil.copyfile(MODELING_DIR / name, tmp / name)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         generation_config.save_pretrained(tmp)
         (tmp / "transmla.json").write_text(json.dumps({"source": spec, "options": asdict(options)}, indent=2, default=str) + "\n")
     return out

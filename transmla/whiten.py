@@ -43,6 +43,19 @@ def psd_power(mat: torch.Tensor, power: float, rel_eps: float = 1e-10) -> torch.
     return (vecs * vals.clamp_min(floor).pow(power)) @ vecs.T
 
 
+# Calibration moments are sums of float32 products: eigenvalues below this share of the largest are noise.
+COVARIANCE_FLOOR = 1e-6
+
+
+def floored(cov: torch.Tensor, rel: float = COVARIANCE_FLOOR) -> torch.Tensor:
+    """cov with its eigenvalues raised to at least rel * the largest: symmetric positive definite, and no
+    direction that the estimate can not resolve is trusted more than rel of the strongest."""
+    cov = (cov + cov.T) / 2
+    vals, vecs = torch.linalg.eigh(cov)
+    floor = rel * vals.max().clamp_min(1e-300)
+    return (vecs * vals.clamp_min(floor)) @ vecs.T
+
+
 def ridge(mat: torch.Tensor, rel: float) -> torch.Tensor:
     """mat + rel * mean(diag) * I."""
     return mat + rel * mat.diagonal().mean().clamp_min(1e-300) * torch.eye(mat.shape[0], dtype=mat.dtype, device=mat.device)
@@ -123,6 +136,10 @@ def weighted_latent(problem: WeightedProblem, rank: int, common_cov: torch.Tenso
     down = u.T @ weighted
     up = m_inv_half @ u
     factors = LatentFactors(down=down, up_key=up[:z], up_value=up[z:])
+    if rank >= min(stacked.shape):
+        # A full latent: the SVD is exact for every input (no loss left to refine). Least-squares steps would
+        # only be fixed on the span of the calibration inputs and could lose exactness off it.
+        return _normalise(factors, problem)
     for _ in range(iterations):
         factors = _refit(problem, factors.down, rel)
         factors = LatentFactors(down=_solve_down(problem, factors, rel), up_key=factors.up_key, up_value=factors.up_value)

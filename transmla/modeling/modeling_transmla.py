@@ -132,6 +132,9 @@ class LatentCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # transformers < 4.57 asks every layer; -1: grows without bound
+        return -1
+
     def reset(self) -> None:
         self.length = 0
 
@@ -586,4 +589,8 @@ class TransMLAForCausalLM(TransMLAPreTrainedModel, GenerationMixin):
         for key in ("cache", "past_key_values"):
             if not user_cache and type(model_kwargs.get(key)) is DynamicCache:
                 model_kwargs[key] = LatentCache(config=self.config, max_cache_len=max_cache_length)
+        prepared = any(model_kwargs.get(k) is not None for k in ("cache", "past_key_values"))
+        if not user_cache and not prepared and generation_config.use_cache is not False:
+            # transformers before 5.1 leaves the default cache to the model's forward
+            model_kwargs[_CACHE_FIELD] = LatentCache(config=self.config, max_cache_len=max_cache_length)
         return result
