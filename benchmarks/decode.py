@@ -49,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transmla.modeling.configuration_transmla import TransMLAConfig  # noqa: E402
 from transmla.modeling.mla_decode import mla_decode_attention  # noqa: E402
-from transmla.modeling.modeling_transmla import LatentCache, TransMLAForCausalLM  # noqa: E402
+from transmla.modeling.cache_transmla import LatentCache  # noqa: E402
+from transmla.modeling.modeling_transmla import TransMLAForCausalLM  # noqa: E402
 
 DTYPE = torch.bfloat16
 GIB = 1 << 30

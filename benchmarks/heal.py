@@ -25,12 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transmla.convert import ConvertOptions, convert  # noqa: E402
-from transmla.data import load_text, token_windows  # noqa: E402
+from transmla.data.text import load_text, token_windows  # noqa: E402
 from transmla.evaluate import perplexity  # noqa: E402
-from transmla.geometry import kv_values_per_token  # noqa: E402
+from transmla.kv_cache import kv_values_per_token  # noqa: E402
 from transmla.heal import HealOptions, heal  # noqa: E402
-from transmla.heal_data import parse_tokens  # noqa: E402
-from transmla.source import load_model  # noqa: E402
+from transmla.heal.data import parse_tokens  # noqa: E402
+from transmla.io.source import load_model  # noqa: E402
 
 ROPE_DIM = 64
 

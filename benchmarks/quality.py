@@ -22,7 +22,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from transmla.calibrated import LayerSettings  # noqa: E402
-from transmla.convert import ConvertOptions, Geometry, build_config, read_attention  # noqa: E402
-from transmla.data import load_text, token_windows  # noqa: E402
+from transmla.convert import ConvertOptions  # noqa: E402
+from transmla.convert.calibration_data import calibration_ids  # noqa: E402
+from transmla.convert.geometry import Geometry  # noqa: E402
+from transmla.convert.pipeline import convert_in_memory  # noqa: E402
+from transmla.convert.recipe import LayerSettings  # noqa: E402
+from transmla.data.text import load_text, token_windows  # noqa: E402
 from transmla.evaluate import perplexity  # noqa: E402
-from transmla.layerwise import LayerStream, layer_settings  # noqa: E402
-from transmla.rope import source_rope  # noqa: E402
-from transmla.source import open_source  # noqa: E402
+from transmla.io.source import open_source  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"  # the data folder beside the repository (see its README)
 BUDGETS = (1.0, 0.75, 0.5, 0.25)
@@ -84,38 +85,6 @@ def generalisation_text() -> str:
     return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
 
 
-def convert_in_memory(source: Any, options: ConvertOptions, settings: LayerSettings, calibrate: bool,
-                      rope_dim: int | None, rank: int | None):
-    """A TransMLAForCausalLM built directly from the layer stream (no checkpoint written)."""
-    from transmla.modeling.modeling_transmla import TransMLAForCausalLM
-
-    geo = Geometry.of(source.config)
-    inv_freq, scaling = source_rope(source.config)
-    stream = LayerStream(source, geo, options, inv_freq, scaling, read_attention, progress=False,
-                         settings=settings, calibrate=calibrate)
-    sizes = stream.sizes(rope_dim, rank)
-    options = replace(options, rope_dim=sizes.rope_dim)
-    state: dict[str, torch.Tensor] = {}
-    freqs = []
-    for layer, converted, layer_freq in stream.layers(sizes):
-        o_bias = read_attention(source.tensors, layer, geo)[1]
-        if o_bias is not None:
-            converted["o_proj.bias"] = converted.get("o_proj.bias", 0) + o_bias.to(converted["o_proj.weight"])
-        state |= {f"model.layers.{layer}.self_attn.{k}": v.float().cpu() for k, v in converted.items()}
-        freqs.append(layer_freq)
-    for key in source.tensors.keys():
-        if ".self_attn." not in key and not key.endswith("rotary_emb.inv_freq"):
-            state[key] = source.tensors.get(key, torch.float32)
-    config = build_config(source, geo, sizes.ranks, freqs, scaling, set(state), options, torch.float32)
-    model = TransMLAForCausalLM(config)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    model.load_state_dict(state, strict=not config.tie_word_embeddings)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval(), sizes
-
-
 def run_row(source: Any, name: str, budget: float, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     method = METHODS[name]
     geo = Geometry.of(source.config)
@@ -124,14 +93,13 @@ def run_row(source: Any, name: str, budget: float, args: argparse.Namespace) -> 
             "calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len, **method.options}
     if method.own_split:
         opts["kv_budget"] = budget
-        rope_dim, rank = None, None
     else:
-        rope_dim, rank = args.rope_dim, values - args.rope_dim
-        opts |= {"rope_dim": rope_dim, "kv_lora_rank": rank}
-    options = ConvertOptions(**opts)
-    settings = LayerSettings(**{**vars(layer_settings(options)), **method.settings})
+        opts |= {"rope_dim": args.rope_dim, "kv_lora_rank": values - args.rope_dim}
+    options = ConvertOptions(**opts).resolved(geo)
+    settings = LayerSettings.of(options, **method.settings)
+    ids = calibration_ids(source, options) if method.calibrate else None
     start = time.perf_counter()
-    model, sizes = convert_in_memory(source, options, settings, method.calibrate, rope_dim, rank)
+    model, sizes = convert_in_memory(source, options, settings, ids)
     seconds = time.perf_counter() - start
     ranks = sizes.ranks
     row = {"method": name, "label": method.label, "budget": budget, "rope_dim": sizes.rope_dim,
@@ -252,7 +220,7 @@ def main() -> None:
         write_table(rows, args.out, args)
 
     if ("original", 1.0) not in done:
-        from transmla.source import load_model
+        from transmla.io.source import load_model
 
         model, _ = load_model(args.model, device=args.device)
         row = {"method": "original", "label": "original", "budget": 1.0, "rope_dim": None,

@@ -9,12 +9,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tiny import byte_tokenizer, save_source
-from transmla.calibrate import LayerwiseRunner
-from transmla.calibrated import LayerSettings, convert_layer
-from transmla.convert import ConvertOptions, Geometry, convert, read_attention
-from transmla.data import calibration_windows
-from transmla.rope import source_rope
-from transmla.source import open_source
+from transmla.convert.calibration import LayerwiseRunner
+from transmla.convert.recipe import LayerSettings, convert_layer
+from transmla.convert import ConvertOptions, convert
+from transmla.convert.attention import read_attention
+from transmla.convert.geometry import Geometry
+from transmla.convert.calibration_data import calibration_ids
+from transmla.convert.statistics import LayerStats
+from transmla.data.text import calibration_windows
+from transmla.convert.rope import source_rope
+from transmla.io.source import open_source
 
 TEXT = (
     "Multi-head latent attention caches one small latent per token. The quick brown fox jumps over the lazy dog, "
@@ -82,9 +86,10 @@ def layer_losses(folder: Path, calib_file: Path, rank: int, rope_dim: int) -> di
     src, o_bias = read_attention(source.tensors, 0, geo)
     stats = runner.statistics(0, src)
     losses = {}
+    identity = LayerStats.identity(geo.input_width, geo.heads, geo.head_dim)
     for method in ("svd", "pca", "whiten"):
-        settings = LayerSettings(method=method, shrink=method != "svd")
-        out, freqs = convert_layer(src, None if method == "svd" else stats, inv_freq, scaling, rank, rope_dim, settings)
+        settings = LayerSettings.of(ConvertOptions(method=method))
+        out, freqs = convert_layer(src, identity if method == "svd" else stats, inv_freq, scaling, rank, rope_dim, settings)
         losses[method] = runner.attention_error(0, src, o_bias, out, rank, freqs)
     return losses
 
@@ -140,14 +145,14 @@ def test_kv_budget_with_fixed_rope_dim(sources, calib_file, tmp_path):
 
 def test_layerwise_driver_keeps_one_layer_and_feeds_converted_layers(sources, calib_file, tmp_path):
     """The driver's hidden states after the last layer are the converted model's, and it holds one layer's states."""
-    from transmla.layerwise import LayerStream
+    from transmla.convert.stream import LayerStream
 
     folder, _ = sources["llama-gqa"]
     options = calibrated(calib_file, method="whiten", kv_lora_rank=10, rope_dim=8)
     source = open_source(str(folder))
     geo = Geometry.of(source.config)
-    stream = LayerStream(source, geo, options, *source_rope(source.config), read_attention, progress=False)
-    sizes = stream.sizes(8, 10)
+    stream = LayerStream(source, geo, options.resolved(geo), calibration_ids(source, options), progress=False)
+    sizes = stream.sizes()
     runners = []
     original = stream._runner
     stream._runner = lambda: runners.append(original()) or runners[-1]
@@ -168,7 +173,7 @@ def test_layerwise_driver_keeps_one_layer_and_feeds_converted_layers(sources, ca
 def test_offloaded_hidden_states_give_the_same_checkpoint(sources, calib_file, tmp_path, monkeypatch):
     """With the calibration hidden states in a memory-mapped file the output is byte-identical, and the file is
     gone (unlinked as soon as it is mapped)."""
-    import transmla.calibrate as calibrate
+    import transmla.convert.hidden_states as calibrate
 
     mapped = []
     from_file = torch.from_file
@@ -187,7 +192,7 @@ def test_offloaded_hidden_states_give_the_same_checkpoint(sources, calib_file, t
 def test_hidden_buffer_refuses_when_nothing_fits(tmp_path, monkeypatch):
     import shutil
 
-    from transmla.calibrate import hidden_buffer
+    from transmla.convert.hidden_states import hidden_buffer
     from transmla.errors import TransMLAError
 
     monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))

@@ -142,3 +142,27 @@ def test_non_positive_score_weight_is_one_line(source, tmp_path):
                  "--method", "whiten", "--calib-file", source / "text.txt", "--score-weight", "0")
     assert_one_line_error(result, "--score-weight")
     assert not (tmp_path / "mla").exists()
+
+
+def test_folder_without_tokenizer_files_converts_or_fails_in_one_line(tmp_path, source):
+    """Weights and config only (as `save_pretrained` of a model writes): converted without a tokenizer, or one
+    line where calibration text needs one."""
+    from tiny import tiny_model
+
+    tiny_model("llama-gqa").save_pretrained(tmp_path / "bare")
+    result = run("convert", tmp_path / "bare", "--out", tmp_path / "mla", "-r", "24", "-d", "8", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "no tokenizer files" in result.output
+    assert (tmp_path / "mla" / "model.safetensors").is_file() and not (tmp_path / "mla" / "tokenizer.json").exists()
+    result = run("convert", tmp_path / "bare", "--out", tmp_path / "mla2", "--method", "whiten",
+                 "--calib-file", source / "text.txt", "--device", "cpu")
+    assert_one_line_error(result, "needs a tokenizer")
+    assert not (tmp_path / "mla2").exists()
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "transmla", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "convert" in done.stdout

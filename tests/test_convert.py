@@ -94,7 +94,7 @@ def test_output_folder_is_a_complete_checkpoint(converted):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "transmla"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_transmla.TransMLAForCausalLM"
-    for name in ("modeling_transmla.py", "configuration_transmla.py", "mla_decode.py", "generation_config.json", "model.safetensors"):
+    for name in ("modeling_transmla.py", "configuration_transmla.py", "cache_transmla.py", "mla_decode.py", "generation_config.json", "model.safetensors"):
         assert (out / name).is_file(), name
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     assert tokenizer("abc")["input_ids"] == [97, 98, 99]

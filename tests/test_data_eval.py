@@ -11,10 +11,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from transmla.data import calibration_windows, load_text, token_windows
+from transmla.data.text import calibration_windows, load_text, token_windows
 from transmla.errors import TransMLAError
 from transmla.evaluate import evaluate_models, format_table, perplexity, table_text
-from transmla.geometry import describe, kv_bytes_per_token, kv_values_per_token
+from transmla.kv_cache import describe, kv_bytes_per_token, kv_values_per_token
 
 VOCAB = 256
 TEXT = (

@@ -6,14 +6,9 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
+from transmla.modeling.cache_transmla import LatentCache, LatentCacheLayer
 from transmla.modeling.configuration_transmla import TransMLAConfig
-from transmla.modeling.modeling_transmla import (
-    _CACHE_FIELD,
-    LatentCache,
-    LatentCacheLayer,
-    TransMLAForCausalLM,
-    build_masks,
-)
+from transmla.modeling.modeling_transmla import _CACHE_FIELD, TransMLAForCausalLM, build_masks
 
 RANKS = [12, 10, 14]
 ROPE = 8

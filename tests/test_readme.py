@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from transmla.source import bundled_models
+from transmla.io.source import bundled_models
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

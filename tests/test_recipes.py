@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from tiny import save_source
 from transmla.cli import app
 from transmla.errors import TransMLAError
-from transmla.recipes import load_recipe, validate_recipe
+from transmla.cli.recipes import load_recipe, validate_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 CONVERT = typer.main.get_command(app).commands["convert"]

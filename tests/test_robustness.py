@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import transmla.convert as convert_module
+import transmla.convert.stream as convert_module
 import transmla.io.writer as writer_module
 from tiny import interrupt_second_layer, save_source
 from transmla.cli import app
-from transmla.failures import Terminated, terminate_as_interrupt
+from transmla.io.failures import Terminated, terminate_as_interrupt
 from transmla.io import SafetensorsSource, ShardedSafetensorsWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +33,12 @@ runner = CliRunner()
 # Runs the CLI with every layer's attention math slowed down, so that a signal lands mid-conversion.
 SLOW_CLI = """
 import time
-import transmla.convert as c
-real = c.convert_attention
+import transmla.convert.stream as c
+real = c.convert_layer
 def slow(*args, **kwargs):
     time.sleep(2.0)
     return real(*args, **kwargs)
-c.convert_attention = slow
+c.convert_layer = slow
 from transmla.cli import app
 app()
 """
@@ -86,7 +86,7 @@ def no_layer_math(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("the error should have been raised before any layer was converted")
 
-    monkeypatch.setattr(convert_module, "convert_attention", fail)
+    monkeypatch.setattr(convert_module, "convert_layer", fail)
 
 
 # -- killed midway ------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from transmla.convert import ConvertOptions, convert
-from transmla.data import load_text, token_windows
+from transmla.data.text import load_text, token_windows
 from transmla.evaluate import perplexity
-from transmla.source import bundled_models, load_model
+from transmla.io.source import bundled_models, load_model
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

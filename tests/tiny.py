@@ -101,9 +101,9 @@ def save_source(kind: str, folder: Path, seed: int = 0, **save_kwargs):
 
 def interrupt_second_layer(monkeypatch) -> None:
     """Make the weights-only conversion raise KeyboardInterrupt on its second layer (as Ctrl-C would)."""
-    import transmla.convert as convert_module
+    import transmla.convert.stream as convert_module
 
-    real = convert_module.convert_attention
+    real = convert_module.convert_layer
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -112,4 +112,4 @@ def interrupt_second_layer(monkeypatch) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "convert_attention", interrupted)
+    monkeypatch.setattr(convert_module, "convert_layer", interrupted)

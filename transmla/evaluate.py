@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from .data import token_windows
+from .data.text import token_windows
 from .errors import TransMLAError
-from .geometry import kv_values_per_token
+from .kv_cache import kv_values_per_token
 
 LOGIT_CHUNK_ELEMENTS = 1 << 26  # float32 logits converted at a time (256 MiB)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .convert import Geometry
-from .geometry import describe, is_transmla
-from .source import check_architecture, resolve
+from .convert.geometry import Geometry
+from .kv_cache import describe, is_transmla
+from .io.source import check_architecture, resolve
 
 
 def load_config(spec: str) -> Any:

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import TransMLAError
-from ..io import SafetensorsSource, ShardedSafetensorsWriter, atomic_output_dir, check_free_disk
+from transmla.errors import TransMLAError
+from transmla.io import SafetensorsSource, ShardedSafetensorsWriter, atomic_output_dir, check_free_disk
+from transmla.io.converted import config_dtype, parse_dtype
+from transmla.io.source import load_tokenizer, require_tokenizer
 from .config import deepseek_config
 from .latent_norm import STOCK_EPS, LatentNorm, calibrated_norm, exact_norm
 from .layer import AttentionShape, export_attention
 from .rotary import match_rotary, rope_rows
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LATENT_NORMS = ("exact", "calibrated")
 SKIP_FILES = {"config.json", "transmla.json", "model.safetensors.index.json"}
 
@@ -88,12 +89,7 @@ def check_exportable(config: dict[str, Any], tensors: SafetensorsSource) -> None
 
 
 def output_dtype(options: ExportOptions, config: dict[str, Any]) -> torch.dtype:
-    name = options.dtype
-    if name == "auto":
-        name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    if name not in DTYPES:
-        raise TransMLAError(f"--dtype {options.dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    dtype = DTYPES[name]
+    dtype = parse_dtype(options.dtype) or config_dtype(config)
     if dtype == torch.float16 and options.latent_norm == "exact":
         raise TransMLAError(
             "--latent-norm exact writes latent projections far below float16's normal range; export as bfloat16 or "
@@ -104,16 +100,16 @@ def output_dtype(options: ExportOptions, config: dict[str, Any]) -> torch.dtype:
 
 def collect_latents(folder: Path, options: ExportOptions) -> dict[int, torch.Tensor]:
     """Each layer's latents c (before any norm) on calibration text, from the converted model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from ..data import calibration_windows, load_text
+    from transmla.data.text import calibration_windows, load_text
 
     if options.calib_text is None:
         raise TransMLAError("--latent-norm calibrated needs calibration text: pass --calib-text FILE")
     text = load_text(text_file=options.calib_text)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
     model = model.to(options.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    tokenizer = require_tokenizer(load_tokenizer(folder, trust_remote_code=True), folder, "--latent-norm calibrated")
     windows = calibration_windows(tokenizer, text, options.calib_seq_len, options.calib_windows)
     latents: dict[int, list[torch.Tensor]] = {}
 
@@ -230,36 +226,3 @@ def export_deepseek(folder: Path | str, out: Path | str, options: ExportOptions 
                   "latent_error_per_layer": [n.error for n in norms]}
         (tmp / "transmla_export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return report
-
-
-def convert_deepseek(spec: str, out: Path | str, convert_options: Any, options: ExportOptions | None = None,
-                     progress: bool = True, heal_options: Any = None) -> ExportReport | None:
-    """Convert SRC with one rotary component per frequency into a work folder beside OUT, optionally heal it
-    (`heal_options`: HealOptions, SRC as the teacher), then export it to OUT and remove the work folder.
-
-    Under `accelerate launch` every process heals; only the main process exports (the others return None).
-    """
-    from accelerate import PartialState
-
-    from ..convert import convert
-
-    out = Path(out).expanduser().absolute()
-    options = options or ExportOptions()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:
-        raise TransMLAError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
-    convert_options = replace(convert_options, rope_per_frequency=True, overwrite=True)
-    work = out.parent / f"{out.name}.mla-work"
-    state = PartialState()
-    try:
-        if heal_options is not None:
-            from ..heal import convert_and_heal
-
-            folder = convert_and_heal(spec, work / "healed", convert_options, replace(heal_options, overwrite=True),
-                                      progress).out
-        else:
-            folder = convert(spec, work / "mla", convert_options, progress)
-        state.wait_for_everyone()
-        return export_deepseek(folder, out, options, progress) if state.is_main_process else None
-    finally:
-        if state.is_main_process:
-            shutil.rmtree(work, ignore_errors=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from .errors import TransMLAError
+from transmla.errors import TransMLAError
 
 
 def load_recipe(path: Path) -> dict[str, Any]:

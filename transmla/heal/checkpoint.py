@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import TransMLAError
+from transmla.errors import TransMLAError
 
 RUN_FILE = "heal_run.json"
 CHECKPOINT_PREFIX = "checkpoint-"

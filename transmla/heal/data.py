@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .data import load_text
-from .errors import TransMLAError
+from transmla.data.text import load_text
+from transmla.errors import TransMLAError
 
 CHUNK_CHARS = 1 << 20  # text tokenised at a time, cut at paragraph breaks
 CHARS_PER_TOKEN = 8  # generous upper bound used to stop streaming a hub dataset
@@ -139,56 +139,6 @@ def val_window_count(train_tokens: int, seq_len: int, val_fraction: float, max_v
     """How many validation windows to hold out beside enough windows for `train_tokens`."""
     train = math.ceil(train_tokens / seq_len)
     return min(max_val_windows, max(1, math.ceil(train * val_fraction)))
-
-
-def _first_id(*ids: int | list[int] | None) -> int | None:
-    """The first token id given (the first of a list)."""
-    for value in ids:
-        if isinstance(value, (list, tuple)):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return None
-
-
-@torch.no_grad()
-def sample_windows(
-    teacher: Any,
-    tokenizer: Any,
-    count: int,
-    seq_len: int,
-    batch_size: int,
-    seed: int,
-    temperature: float = 1.0,
-    top_p: float = 0.95,
-    progress: bool = False,
-) -> torch.LongTensor:
-    """`count` windows [count, seq_len] sampled from the teacher, each starting from the BOS (or EOS) token."""
-    from tqdm.auto import tqdm
-
-    start = _first_id(teacher.config.bos_token_id, tokenizer.bos_token_id, teacher.config.eos_token_id, tokenizer.eos_token_id)
-    if start is None:
-        raise TransMLAError("--self-distill needs a model with a BOS or EOS token to start sampling from")
-    device = next(teacher.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.manual_seed(seed)
-    out: list[torch.Tensor] = []
-    try:
-        for begin in tqdm(range(0, count, batch_size), desc="sampling text", unit="batch", disable=not progress):
-            rows = min(batch_size, count - begin)
-            prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
-            generated = teacher.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=temperature,
-                top_p=top_p, top_k=0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                pad_token_id=_first_id(teacher.config.pad_token_id, start),
-            )
-            out.append(generated[:, :seq_len].cpu())
-    finally:
-        torch.random.set_rng_state(generator_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state_all(cuda_state)
-    return torch.cat(out)
 
 
 class WindowStream:

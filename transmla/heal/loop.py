@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .heal_checkpoint import TrainState, checkpoint_path, mark_complete
-from .heal_data import Windows, WindowStream
-from .heal_loss import distillation_loss
+from .checkpoint import TrainState, checkpoint_path, mark_complete
+from .data import Windows, WindowStream
+from .loss import distillation_loss
 
 if TYPE_CHECKING:
-    from .heal import HealOptions
+    from .options import HealOptions
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .errors import TransMLAError
+from transmla.errors import TransMLAError
 
 KNOWN_DATASETS = ("wikitext2", "c4")
 C4_CHARS = 2_000_000  # characters of C4 to stream: a few hundred 2048-token windows

@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import TransMLAError
-from .io import TensorSource, check_writable
+from transmla.errors import TransMLAError
+from transmla.io.output_dir import check_writable
+from transmla.io.reader import TensorSource
 
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 

@@ -3,89 +3,30 @@
 Layer l is converted from statistics of its inputs as produced by the already converted layers 0..l-1, so that
 their errors are seen, not compounded blindly. Only the current layer's hidden states are kept ([N, T, hidden],
 float32, in a memory-mapped file when they do not fit in memory); statistics are accumulated in float64 on the
-driver's device.
+driver's device. Norms, MLPs, the rotary tables and the converted attention are the shipped modeling code's own
+(`transmla.modeling`), so calibration sees what the converted model computes; only the source attention, whose
+weights the statistics need, is written out here.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .errors import TransMLAError
-from .io import TensorSource
-from .mla_layer import SourceAttention
+from transmla.io.reader import TensorSource
+from transmla.modeling.modeling_transmla import (SharedRotary, TransMLADecoderLayer, TransMLAMLP, TransMLARMSNorm,
+                                                 apply_rotary, build_masks)
 
+from .attention import SourceAttention
+from .hidden_states import hidden_buffer
+from .model_config import build_config
+from .statistics import LayerStats
 
-@dataclass
-class LayerStats:
-    """Moments of one attention layer's input x (after input_layernorm) over the calibration tokens.
-
-    shrink[h, i] = (E_p cos(Delta theta_i), E_p sin(Delta theta_i)) under head h's attention weights p;
-    value_mean / value_second: moments of the attention-averaged input xbar_h(t) = sum_s p_h(t, s) x(s), the
-    second moments averaged over heads (per-head [H, h, h] matrices would not fit for large models).
-    """
-
-    tokens: int
-    mean: torch.Tensor  # [h]
-    second: torch.Tensor  # [h, h], E[x x^T]
-    shrink: torch.Tensor  # [H, d/2, 2]
-    value_mean: torch.Tensor  # [H, h]
-    value_second: torch.Tensor  # [h, h]: mean over heads of E_t xbar_h xbar_h^T
-
-    @property
-    def cov(self) -> torch.Tensor:
-        return self.second - torch.outer(self.mean, self.mean)
-
-    def value_cov(self) -> torch.Tensor:
-        """[h, h]: the covariance of xbar_h about its per-head mean, averaged over heads."""
-        heads = self.value_mean.shape[0]
-        return self.value_second - self.value_mean.T @ self.value_mean / heads
-
-    def independent_blocks(self, split: int) -> "LayerStats":
-        """These moments with inputs [:split] and [split:] made uncorrelated (cov and value_cov block-diagonal; means and diagonal blocks kept).
-
-        On pre-features z = [q_n; k_n; v] the converted kv_a_proj reads only [k_n; v]. A latent error E with zero
-        q_n columns costs tr(M E S E^T) = tr(M E_kv S_kv E_kv^T) whatever S's cross block, and with that block
-        zero a latent reading q_n can only cost more: the whitened latent then reads [k_n; v] alone, and is the
-        best one that does.
-        """
-        a, b = slice(0, split), slice(split, None)
-
-        def decoupled(second: torch.Tensor, mean_outer: torch.Tensor) -> torch.Tensor:
-            out = second.clone()
-            out[a, b], out[b, a] = mean_outer[a, b], mean_outer[b, a]
-            return out
-
-        second = decoupled(self.second, torch.outer(self.mean, self.mean))
-        heads = self.value_mean.shape[0]
-        value_second = decoupled(self.value_second, self.value_mean.T @ self.value_mean / heads)
-        return LayerStats(self.tokens, self.mean, second, self.shrink, self.value_mean, value_second)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def rope_tables(inv_freq: torch.Tensor, length: int, scaling: float, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [T, d] in the rotate-half layout."""
-    t = torch.arange(length, device=device, dtype=torch.float64)
-    freqs = t[:, None] * inv_freq.to(device=device, dtype=torch.float64)[None]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return (emb.cos() * scaling).float(), (emb.sin() * scaling).float()
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+REFIT_TOKENS = 8192  # calibration tokens (queries) that the least-squares value refit uses
 
 
 def causal_mask(length: int, device: Any) -> torch.Tensor:
@@ -115,8 +56,9 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 def source_attention_probs(src: SourceAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of the source layer on x [B, T, h]: probabilities [B, H, T, T] and per-head output
-    before o_proj [B, T, H*d] (float32)."""
+    """Causal attention of the source layer on x [B, T, h] with the rotary tables cos, sin [T, d] (the
+    source's frequencies in the converted model's rotate-half layout): probabilities [B, H, T, T] and per-head
+    output before o_proj [B, T, H*d] (float32)."""
     bsz, length, _ = x.shape
     d, heads, groups = src.head_dim, src.heads, src.groups
 
@@ -124,61 +66,12 @@ def source_attention_probs(src: SourceAttention, x: torch.Tensor, cos: torch.Ten
         y = F.linear(x, w.float(), None if b is None else b.float())
         return y.view(bsz, length, n, d).transpose(1, 2)
 
-    q = rotate(proj(src.q, src.q_bias, heads), cos, sin)
-    k = rotate(proj(src.k, src.k_bias, groups), cos, sin)
+    q = apply_rotary(proj(src.q, src.q_bias, heads), cos, sin)
+    k = apply_rotary(proj(src.k, src.k_bias, groups), cos, sin)
     v = proj(src.v, src.v_bias, groups)
     mask = causal_mask(length, x.device) if mask is None else mask
     probs, out = grouped_attention(q, k, v, d**-0.5, mask)
     return probs, out.transpose(1, 2).reshape(bsz, length, heads * d)
-
-
-OFFLOAD_MODES = ("auto", "never", "always")
-REFIT_TOKENS = 8192  # calibration tokens (queries) that the least-squares value refit uses
-
-
-def check_offload_mode(offload: str) -> None:
-    if offload not in OFFLOAD_MODES:
-        raise TransMLAError(f"--calib-offload {offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
-
-
-def hidden_buffer(shape: tuple[int, int, int], device: torch.device, offload: str = "auto",
-                  scratch_dir: Path | None = None) -> torch.Tensor:
-    """An uninitialised float32 [N, T, h] buffer for the calibration hidden states.
-
-    On `device` when it fits in half of what is free there; otherwise (or with offload="always") in a
-    memory-mapped file under `scratch_dir` (default: the system's temporary folder). The file is unlinked at once,
-    so the kernel frees it when the process ends, however it ends. offload="never" keeps it on `device`.
-    """
-    check_offload_mode(offload)
-    numel = shape[0] * shape[1] * shape[2]
-    if offload == "never" or (offload == "auto" and 4 * numel <= free_memory(device) // 2):
-        return torch.empty(shape, dtype=torch.float32, device=device)
-    if offload == "auto" and device.type != "cpu" and 4 * numel <= free_memory(torch.device("cpu")) // 2:
-        return torch.empty(shape, dtype=torch.float32)
-    folder = Path(scratch_dir or tempfile.gettempdir())
-    if shutil.disk_usage(folder).free < 4 * numel:
-        raise TransMLAError(f"the calibration hidden states ({4 * numel / 2**30:.1f} GiB) fit neither in memory nor in "
-                            f"the free space of {folder}; lower --calib-samples or --calib-seq-len")
-    fd, path = tempfile.mkstemp(prefix=".transmla-calibration-", suffix=".f32", dir=folder)
-    try:
-        os.ftruncate(fd, 4 * numel)
-        buffer = torch.from_file(path, shared=True, size=numel, dtype=torch.float32)
-    except OSError as exc:
-        raise TransMLAError(f"cannot offload {4 * numel / 2**30:.1f} GiB of calibration hidden states to {folder} "
-                            f"({exc.strerror or exc}); free space there or lower --calib-samples") from exc
-    finally:
-        os.close(fd)
-        os.unlink(path)
-    return buffer.view(shape)
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes available for new allocations on `device`."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
 
 
 class LayerwiseRunner:
@@ -188,8 +81,7 @@ class LayerwiseRunner:
                  scaling: float, device: str | torch.device = "cpu", chunk_tokens: int = 4096,
                  offload: str = "auto", scratch_dir: Path | None = None) -> None:
         self.tensors, self.config, self.device = tensors, config, torch.device(device)
-        self.inv_freq, self.scaling = inv_freq, scaling
-        self.eps = float(config.rms_norm_eps)
+        self.scaling = scaling
         self.samples, self.length = input_ids.shape
         self.batch = max(1, chunk_tokens // self.length)
         embed = tensors.get("model.embed_tokens.weight")  # source dtype: only the looked-up rows become float32
@@ -198,21 +90,27 @@ class LayerwiseRunner:
         for start in range(0, self.samples, self.batch):
             self.hidden[start:start + self.batch] = embed[input_ids[start:start + self.batch].to(embed.device)].float()
         del embed
-        self.cos, self.sin = rope_tables(inv_freq, self.length, scaling, self.device)
+        self.positions = torch.arange(self.length, device=self.device)[None]
+        cos, sin = SharedRotary(inv_freq.tolist(), scaling).cos_sin(self.positions, torch.float32)
+        self.cos, self.sin = cos[0], sin[0]  # [T, d]
         self.mask = causal_mask(self.length, self.device)
         # The value refit solves (R+1)-wide least squares per group: REFIT_TOKENS queries are ample.
         self.refit_samples = max(1, min(self.samples, REFIT_TOKENS // self.length))
 
-    def norm_weight(self, layer: int, name: str = "input_layernorm") -> torch.Tensor:
-        return self.tensors.get(f"model.layers.{layer}.{name}.weight", torch.float32).to(self.device)
+    def norm(self, layer: int, name: str = "input_layernorm") -> TransMLARMSNorm:
+        """The source's RMSNorm `name` of layer l, as the converted model runs it."""
+        weight = self.tensors.get(f"model.layers.{layer}.{name}.weight", torch.float32)
+        norm = TransMLARMSNorm(weight.shape[0], eps=float(self.config.rms_norm_eps))
+        norm.weight.data.copy_(weight)
+        return norm.to(self.device)
 
     def chunks(self, layer: int, limit: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
         """(sample slice, normalised attention input x [B, T, h]) over the calibration batch."""
-        weight = self.norm_weight(layer)
+        norm = self.norm(layer)
         stop = self.samples if limit is None else min(limit, self.samples)
         for start in range(0, stop, self.batch):
             rows = slice(start, min(start + self.batch, stop))
-            yield rows, rms_norm(self.hidden[rows].to(self.device), weight, self.eps)
+            yield rows, norm(self.hidden[rows].to(self.device))
 
     @torch.no_grad()
     def statistics(self, layer: int, src: SourceAttention) -> LayerStats:
@@ -266,16 +164,13 @@ class LayerwiseRunner:
         the current inputs of the first `samples` calibration sequences: the layer's local calibration loss."""
         module = self.converted_layer(layer, attention, rank, rope_inv_freq).self_attn
         src32 = _to(src, torch.float32, self.device)
-        from .modeling.modeling_transmla import build_masks
-
         total, count = 0.0, 0
         for _, x in self.chunks(layer, samples):
             _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin, self.mask)
             ref = F.linear(out, src32.o, None)
             bsz, length, _ = x.shape
-            pos = torch.arange(length, device=self.device)[None].expand(bsz, -1)
             mask, key_mask = build_masks(None, bsz, length, length, self.device)
-            got = module(x, pos, mask, key_mask, None)
+            got = module(x, self.positions.expand(bsz, -1), mask, key_mask, None)
             if o_bias is not None:
                 got = got - o_bias.to(got)
             total += float((got - ref).double().pow(2).sum())
@@ -298,12 +193,10 @@ class LayerwiseRunner:
         w = (o_heads.pow(2).sum(dim=(1, 2)) / d).to(self.device, torch.float64)
         gram = torch.zeros(groups, rank + 1, rank + 1, dtype=torch.float64, device=self.device)
         cross = torch.zeros(groups, d, rank + 1, dtype=torch.float64, device=self.device)
-        latent_attn = LatentAttention(attention, rank, rope_inv_freq, self.scaling, heads, groups, d, self.device)
+        module = self.converted_layer(layer, attention, rank, rope_inv_freq).self_attn
         for _, x in self.chunks(layer, self.refit_samples):
-            z = src32.inputs(x)
-            _, out = source_attention_probs(src32, z, self.cos, self.sin, self.mask)
-            q_in, kv_in = (z, z) if src32.pre is None else src32.pre.split(z)
-            probs, latent = latent_attn.probs(q_in, kv_in, self.mask)
+            _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin, self.mask)
+            probs, latent = module.attention_weights(x, self.positions.expand(x.shape[0], -1), self.mask)
             cbar = (probs @ latent[:, None]).double()  # [B, H, T, R]
             cbar = torch.cat([cbar, torch.ones_like(cbar[..., :1])], dim=-1)
             target = out.view(*out.shape[:2], heads, d).transpose(1, 2).double()  # [B, H, T, d]
@@ -320,22 +213,22 @@ class LayerwiseRunner:
     @torch.no_grad()
     def advance_source(self, layer: int, src: SourceAttention, o_bias: torch.Tensor | None) -> None:
         """Run the source's own layer l on the hidden states (for a pass that only measures)."""
-        from transformers.activations import ACT2FN
-
         src32 = _to(src, torch.float32, self.device)
-        prefix = f"model.layers.{layer}."
-        get = lambda n: self.tensors.get(prefix + n, torch.float32).to(self.device) if self.tensors.has(prefix + n) else None  # noqa: E731
-        post = get("post_attention_layernorm.weight")
-        gate, up, down = get("mlp.gate_proj.weight"), get("mlp.up_proj.weight"), get("mlp.down_proj.weight")
-        gate_b, up_b, down_b = get("mlp.gate_proj.bias"), get("mlp.up_proj.bias"), get("mlp.down_proj.bias")
-        act = ACT2FN[self.config.hidden_act]
+        post, mlp = self.norm(layer, "post_attention_layernorm"), self.mlp(layer)
         ob = None if o_bias is None else o_bias.to(self.device, torch.float32)
         for rows, x in self.chunks(layer):
             _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin, self.mask)
             hidden = self.hidden[rows].to(self.device) + F.linear(out, src32.o, ob)
-            y = rms_norm(hidden, post, self.eps)
-            mlp = F.linear(act(F.linear(y, gate, gate_b)) * F.linear(y, up, up_b), down, down_b)
-            self.hidden[rows] = (hidden + mlp).to(self.hidden.device)
+            self.hidden[rows] = (hidden + mlp(post(hidden))).to(self.hidden.device)
+
+    def mlp(self, layer: int) -> TransMLAMLP:
+        """The source's MLP of layer l, as the converted model runs it."""
+        config = build_config(self.config, [1], [[1.0]], self.scaling, set(), layers=1)  # attention sizes unused
+        mlp = TransMLAMLP(config)
+        prefix = f"model.layers.{layer}.mlp."
+        mlp.load_state_dict({k[len(prefix):]: self.tensors.get(k, torch.float32) for k in self.tensors.keys()
+                             if k.startswith(prefix)})
+        return mlp.to(self.device)
 
     def residual_energy(self) -> float:
         """Mean squared norm of the hidden states entering the current layer."""
@@ -343,67 +236,22 @@ class LayerwiseRunner:
         return total / (self.samples * self.length)
 
     def converted_layer(self, layer: int, attention: dict[str, torch.Tensor], rank: int, rope_inv_freq: list[float]):
-        from .modeling.configuration_transmla import TransMLAConfig
-        from .modeling.modeling_transmla import TransMLADecoderLayer
-
-        cfg = self.config
-        geo_heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // geo_heads
-        config = TransMLAConfig(
-            vocab_size=1, bos_token_id=None, eos_token_id=None, pad_token_id=None, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=1,
-            num_attention_heads=geo_heads, num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or geo_heads,
-            head_dim=head_dim, kv_lora_rank=[rank], qk_rope_head_dim=2 * len(rope_inv_freq),
-            rope_inv_freq=[rope_inv_freq], rope_attention_scaling=self.scaling, hidden_act=cfg.hidden_act,
-            rms_norm_eps=cfg.rms_norm_eps, attention_bias="q_proj.bias" in attention or "kv_a_proj.bias" in attention,
-            attention_out_bias="o_proj.bias" in attention, mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
-            qk_norm="q_norm.weight" in attention, pre_proj_bias="pre_q_proj.bias" in attention,
-        )
-        module = TransMLADecoderLayer(config, 0)
-        state = {f"self_attn.{k}": v.float() for k, v in attention.items()}
+        """The converted decoder layer l: the new attention tensors beside the source's norms and MLP."""
         prefix = f"model.layers.{layer}."
+        state = {f"self_attn.{k}": v.float() for k, v in attention.items()}
         for key in self.tensors.keys():
             if key.startswith(prefix) and ".self_attn." not in key:
                 state[key[len(prefix):]] = self.tensors.get(key, torch.float32)
+        config = build_config(self.config, [rank], [rope_inv_freq], self.scaling, {"model.layers.0." + k for k in state},
+                              layers=1)
+        module = TransMLADecoderLayer(config, 0)
         module.load_state_dict(state, strict=True)
         return module.to(self.device).eval()
 
     def _run(self, module: Any, hidden: torch.Tensor) -> torch.Tensor:
-        from .modeling.modeling_transmla import build_masks
-
         bsz, length, _ = hidden.shape
-        pos = torch.arange(length, device=self.device)[None].expand(bsz, -1)
         mask, key_mask = build_masks(None, bsz, length, length, self.device)
-        return module(hidden, pos, mask, key_mask, None)
-
-
-class LatentAttention:
-    """The scores of a converted attention layer (docs/format.md), computed directly to expose its weights."""
-
-    def __init__(self, attention: dict[str, torch.Tensor], rank: int, rope_inv_freq: list[float], scaling: float,
-                 heads: int, groups: int, head_dim: int, device: torch.device) -> None:
-        get = lambda k: attention[k].to(device, torch.float32) if k in attention else None  # noqa: E731
-        self.q_w, self.q_b, self.a_w, self.a_b = get("q_proj.weight"), get("q_proj.bias"), get("kv_a_proj.weight"), get("kv_a_proj.bias")
-        self.b_w = get("kv_b_proj.weight")
-        self.rank, self.rope_dim = rank, 2 * len(rope_inv_freq)
-        self.heads, self.groups, self.d = heads, groups, head_dim
-        self.inv_freq = torch.tensor(rope_inv_freq, dtype=torch.float64)
-        self.scaling, self.device = scaling, device
-
-    def probs(self, x: torch.Tensor, kv_x: torch.Tensor | None = None,
-              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention weights [B, H, T, T] and the latent [B, T, R]; q_proj reads x, kv_a_proj `kv_x` (default x)."""
-        bsz, length, _ = x.shape
-        d, D = self.d, self.rope_dim
-        q = F.linear(x, self.q_w, self.q_b).view(bsz, length, self.heads, d + D).transpose(1, 2)
-        q_nope, q_rope = q.split([d, D], dim=-1)
-        kv_x = x if kv_x is None else kv_x
-        latent, k_rope = F.linear(kv_x, self.a_w, self.a_b).split([self.rank, D], dim=-1)
-        cos, sin = rope_tables(self.inv_freq, length, self.scaling, x.device)
-        q_rope, k_rope = rotate(q_rope, cos, sin), rotate(k_rope, cos, sin)
-        k_nope = F.linear(latent, self.b_w).view(bsz, length, self.groups, 2 * d)[..., :d].transpose(1, 2)
-        scores = grouped_scores(q_nope, k_nope).add_(q_rope @ k_rope[:, None].transpose(-1, -2))  # the rotary key is shared
-        mask = causal_mask(length, x.device) if mask is None else mask
-        return scores.mul_(d**-0.5).add_(mask).softmax(-1), latent
+        return module(hidden, self.positions.expand(bsz, -1), mask, key_mask, None)
 
 
 def _to(src: SourceAttention, dtype: torch.dtype, device: torch.device) -> SourceAttention:

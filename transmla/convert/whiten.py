@@ -1,10 +1,10 @@
 r"""Covariance-aware factorisation of the position-free keys and the values into one latent.
 
-Notation of `factorize`: z = W_z x (the components that lost their rotation), v = W_v x, and the latent
+Notation of `latent`: z = W_z x (the components that lost their rotation), v = W_v x, and the latent
 c = W_down x with [z; v] ~= [A_z; A_v] c. Instead of the error in the weights, minimise the error where it acts.
 
 **Keys** enter the scores: head h adds scale * q_h^T E_g(h) (z - A_z c) to its score, where E_g maps the
-position-free components to head g (`mla_layer`) and q_h is the position-free query. Over queries independent
+position-free components to head g (`assemble`) and q_h is the position-free query. Over queries independent
 of the keys, the mean-square score error is tr(M_z e e^T) with M_z = scale^2 sum_h E_g^T E[q_h q_h^T] E_g.
 Softmax ignores a shift that is the same for every key of a query, so the key error is taken about the mean:
 E[e e^T] = (W_z - A_z W_down) S_z (...)^T with S_z a centred input covariance.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .factorize import LatentFactors, fix_signs
+from .latent import LatentFactors, fix_signs
 
 
 def psd_power(mat: torch.Tensor, power: float, rel_eps: float = 1e-10) -> torch.Tensor:
@@ -59,18 +59,6 @@ def floored(cov: torch.Tensor, rel: float = COVARIANCE_FLOOR) -> torch.Tensor:
 def ridge(mat: torch.Tensor, rel: float) -> torch.Tensor:
     """mat + rel * mean(diag) * I."""
     return mat + rel * mat.diagonal().mean().clamp_min(1e-300) * torch.eye(mat.shape[0], dtype=mat.dtype, device=mat.device)
-
-
-def balanced_pca(key: torch.Tensor, value: torch.Tensor, second: torch.Tensor, rank: int) -> LatentFactors:
-    """TransMLA's balanced-KV PCA: keys scaled so that their mean per-dim RMS output matches the values', then
-    the top eigenvectors of the output second moment B E[x x^T] B^T."""
-    rms = lambda w: torch.einsum("rh,hx,rx->r", w, second, w).clamp_min(0).sqrt().mean()  # noqa: E731
-    a = float(rms(value) / rms(key)) if key.shape[0] and float(rms(key)) > 0 else 1.0
-    stacked = torch.cat([a * key, value])
-    energy = stacked @ second @ stacked.T
-    vals, vecs = torch.linalg.eigh((energy + energy.T) / 2)
-    u = fix_signs(vecs.flip(-1)[:, :rank])
-    return LatentFactors(down=u.T @ stacked, up_key=u[: key.shape[0]] / a, up_value=u[key.shape[0] :])
 
 
 @dataclass

@@ -1,34 +1,48 @@
-"""One attention layer converted from calibration statistics: `pca` (balanced KV) and `whiten` (covariance-aware)."""
+r"""The per-layer recipe: one source attention layer and what is known of its inputs in, latent-attention tensors out.
+
+Every method runs the same steps: plan the shared rotary key (`rope`), split the layer into its rotary part and
+its position-free keys, factor those keys and the values into one latent (`latent`: `svd` of the weights, `pca`
+of the activations; `whiten`: covariance-aware), assemble the converted tensors (`assemble`). The weights-only
+method is this recipe with the identity statistics of isotropic inputs (`LayerStats.identity`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .calibrate import LayerStats
-from .errors import TransMLAError
-from .factorize import LatentFactors, max_latent_rank, svd_latent
-from .mla_layer import SourceAttention, assemble_layer
-from .rope_select import FoldedPlan, folded_split, plan_folded, rope_stats
-from .whiten import WeightedProblem, balanced_pca, floored, weighted_latent
-
-METHODS = ("svd", "pca", "whiten")
+from .assemble import assemble_layer, on_pre_features
+from .attention import SourceAttention
+from .latent import LatentFactors, balanced_pca, svd_latent
+from .rope import RopePlan, plan_rope, rope_stats, split_rotary
+from .statistics import LayerStats
+from .whiten import WeightedProblem, floored, weighted_latent
 
 
 @dataclass
 class LayerSettings:
-    """How one layer is converted (see `ConvertOptions` for the user-facing names)."""
+    """How every layer is converted: the per-layer view of `ConvertOptions` (`LayerSettings.of`)."""
 
-    method: str = "whiten"
-    rope_select: str = "rotate"
-    freqfold: int = 1
-    shrink: bool = True  # fold the attention-averaged rotation into the dropped components' queries
-    key_weight: float = 1.0  # lambda: weight of the score error against the output error
+    method: str
+    rope_select: str
+    freqfold: int
+    shrink: bool  # fold the attention-averaged rotation into the dropped components' queries
+    score_weight: float  # lambda: weight of the score error against the output error (whiten)
+    rope_context: int  # distances over which a dropped rotation is costed when no attention was measured
+    per_frequency: bool  # one rotary component per frequency (exportable to stock DeepSeek code)
     iterations: int = 4  # alternating refinements of the two-covariance objective (whiten)
-    rope_context: int = 16
     latent_key_scale: float | None = None  # svd only: None = balanced
-    per_frequency: bool = False  # one rotary component per frequency (exportable to stock DeepSeek code)
+
+    @classmethod
+    def of(cls, options: Any, **overrides: Any) -> "LayerSettings":
+        """The settings of `options` (a resolved ConvertOptions); `freqfold auto` starts from 1."""
+        values = dict(method=options.method, rope_select=options.rope_select,
+                      freqfold=1 if str(options.freqfold) == "auto" else int(options.freqfold),
+                      shrink=options.method != "svd" and options.query_shrink, score_weight=options.score_weight,
+                      rope_context=options.rope_context, per_frequency=options.rope_per_frequency)
+        return cls(**{**values, **overrides})
 
 
 def head_blocks(o: torch.Tensor, heads: int) -> torch.Tensor:
@@ -59,28 +73,21 @@ def value_weight_matrix(src: SourceAttention) -> torch.Tensor:
     return torch.block_diag(*blocks)
 
 
-def layer_plan(src: SourceAttention, stats: LayerStats | None, inv_freq: torch.Tensor, rope_dim: int,
-               settings: LayerSettings) -> FoldedPlan:
-    shrink = stats.shrink.to(src.k.dtype) if stats is not None and settings.shrink else None
-    rs = rope_stats(src, None if stats is None else stats.second, None if stats is None else stats.mean,
-                    shrink, settings.rope_context)
-    return plan_folded(rs, inv_freq.to(src.k.dtype), rope_dim, src.groups, src.group_of_head,
-                       settings.rope_select, settings.freqfold, settings.per_frequency)
+def layer_plan(src: SourceAttention, stats: LayerStats, inv_freq: torch.Tensor, rope_dim: int,
+               settings: LayerSettings) -> RopePlan:
+    """The layer's rotary plan from its input moments (and, with the query shrink, its attention distances)."""
+    shrink = stats.shrink.to(src.k.dtype) if settings.shrink else None
+    rs = rope_stats(src, stats.second, stats.mean, shrink, settings.rope_context)
+    return plan_rope(rs, inv_freq.to(src.k.dtype), rope_dim, src.groups, src.group_of_head,
+                     settings.rope_select, settings.freqfold, settings.per_frequency)
 
 
-def convert_layer(src: SourceAttention, stats: LayerStats | None, inv_freq: torch.Tensor, scaling: float,
-                  rank: int, rope_dim: int, settings: LayerSettings,
-                  plan: FoldedPlan | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The layer's latent-attention tensors and its rotary key's inverse frequencies."""
-    if settings.method not in METHODS:
-        raise TransMLAError(f"--method {settings.method!r} is not one of {', '.join(METHODS)}")
-    if settings.method != "svd" and stats is None:
-        raise TransMLAError(f"--method {settings.method} needs calibration data (--calib-file or --calib-dataset)")
-    plan = plan or layer_plan(src, stats, inv_freq, rope_dim, settings)
-    split, q_nope, q_nope_bias = folded_split(src, plan)
-    limit = max_latent_rank(src.k.shape[1], split.key_nope.shape[0], src.v.shape[0])
-    if not 1 <= rank <= limit:
-        raise TransMLAError(f"--kv-lora-rank {rank} is out of range: this layer allows 1..{limit}")
+def convert_layer(src: SourceAttention, stats: LayerStats, inv_freq: torch.Tensor, scaling: float,
+                  rank: int, rope_dim: int, settings: LayerSettings) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The layer's latent-attention tensors (o_proj's own bias not included) and its rotary key's inverse
+    frequencies. On pre-features, q_proj and kv_a_proj are narrowed to what the converted layer feeds them."""
+    plan = layer_plan(src, stats, inv_freq, rope_dim, settings)
+    split, q_nope, q_nope_bias = split_rotary(src, plan)
     value_mean = None
     if settings.method == "svd":
         latent = svd_latent(split.key_nope, src.v, rank, settings.latent_key_scale)
@@ -97,7 +104,7 @@ def convert_layer(src: SourceAttention, stats: LayerStats | None, inv_freq: torc
     if value_mean is not None:
         correction = value_bias_correction(src, latent, value_mean)
         out["o_proj.bias"] = out.get("o_proj.bias", 0) + correction
-    return out, plan.kept_inv_freq
+    return (out if src.pre is None else on_pre_features(out, src.pre)), plan.kept_inv_freq
 
 
 def whiten_problem(src: SourceAttention, stats: LayerStats, nope_to_heads: torch.Tensor, key_nope: torch.Tensor,
@@ -108,7 +115,7 @@ def whiten_problem(src: SourceAttention, stats: LayerStats, nope_to_heads: torch
     value_w = value_weight_matrix(src)
     token_cov = floored(stats.cov.to(dt))
     value_cov = floored(stats.value_cov().to(dt))
-    return WeightedProblem(key_nope, src.v, settings.key_weight * key_w, value_w, token_cov, value_cov)
+    return WeightedProblem(key_nope, src.v, settings.score_weight * key_w, value_w, token_cov, value_cov)
 
 
 def value_bias_correction(src: SourceAttention, latent: LatentFactors, value_mean: torch.Tensor) -> torch.Tensor:

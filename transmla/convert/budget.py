@@ -2,7 +2,7 @@
 
 For a layer and a rotary width D, the covariance-aware SVD (`whiten`) of the position-free keys and the values
 has squared singular values sigma_1^2 >= sigma_2^2 >= ...: keeping rank R leaves a loss of sum_{k > R}
-sigma_k^2, and dropping rotary components costs their summed drop cost (`rope_select`), both in the same units
+sigma_k^2, and dropping rotary components costs their summed drop cost (`rope`), both in the same units
 (weighted squared attention-output error per token). With D fixed, the ranks that minimise the summed loss under
 sum_l R_l = L * R are the globally largest sigma^2 (each layer's list is sorted): water-filling. `--kv-budget`
 also tries every D on a grid and keeps the one with the least total loss; at D = G*d and R = G*d (100% of the
@@ -15,12 +15,35 @@ water-filling never takes a layer below `RANK_FLOOR` of the uniform rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .errors import TransMLAError
+from transmla.errors import TransMLAError
+
+from .attention import SourceAttention
+from .recipe import LayerSettings, layer_plan, whiten_problem
+from .rope import split_rotary
+from .statistics import LayerStats
+from .whiten import weighted_spectrum
 
 RANK_FLOOR = 0.5
+
+
+@dataclass
+class Sizes:
+    """The rotary width D (all layers) and the latent width of every layer."""
+
+    rope_dim: int
+    ranks: list[int]
+    losses: dict[int, float] | None = None  # proxy loss per candidate D, when a budget was split
+
+    def summary(self) -> dict[str, Any]:
+        """What the conversion record (config `conversion`) notes about the chosen sizes."""
+        out: dict[str, Any] = {}
+        if self.losses is not None:
+            out["kv_budget_split"] = {"rope_dim": self.rope_dim, "proxy_loss": {str(k): v for k, v in self.losses.items()}}
+        return out
 
 
 @dataclass
@@ -83,3 +106,25 @@ def choose_split(spectra: list[LayerSpectrum], values_per_layer: int, candidates
     if best is None:
         raise TransMLAError(f"a budget of {values_per_layer} values per token and layer leaves no room for a latent")
     return best[1], best[2], losses
+
+
+def rope_candidates(geo: Any, fixed: int | None) -> list[int]:
+    """D on a grid: quarter and half head widths, then whole and half-head steps up to every key dim."""
+    if fixed is not None:
+        return [fixed]
+    full = geo.groups * geo.head_dim
+    grid = {geo.head_dim // 4, geo.head_dim // 2} | set(range(geo.head_dim // 2, full + 1, geo.head_dim // 2)) | {full}
+    return sorted(d for d in grid if d >= 2 and d % 2 == 0)
+
+
+def layer_spectrum(src: SourceAttention, stats: LayerStats, inv_freq: torch.Tensor, settings: LayerSettings,
+                   candidates: list[int], scale: float) -> LayerSpectrum:
+    """The layer's rotary loss and latent spectrum for each candidate D, in the units of the `whiten` loss."""
+    rope_loss, sigma2 = {}, {}
+    for rope_dim in candidates:
+        plan = layer_plan(src, stats, inv_freq, rope_dim, settings)
+        split, q_nope, q_nope_bias = split_rotary(src, plan)
+        problem = whiten_problem(src, stats, split.nope_to_heads, split.key_nope, q_nope, q_nope_bias, settings)
+        sigma2[rope_dim] = weighted_spectrum(problem).cpu()
+        rope_loss[rope_dim] = settings.score_weight * plan.dropped_cost() / src.head_dim
+    return LayerSpectrum(rope_loss, sigma2, scale)

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from .errors import TransMLAError
-from .io import SafetensorsSource, StateDictSource, TensorSource
+from transmla.errors import TransMLAError
+from transmla.io.converted import is_converted
+from transmla.io.reader import SafetensorsSource, StateDictSource, TensorSource
 
 SUPPORTED_ARCHITECTURES = {
     "llama": "Llama 2/3 (MHA and GQA, llama3 RoPE scaling), SmolLM",
@@ -54,19 +55,12 @@ class Source:
     def load_tokenizer(self):
         """The source's tokenizer (loaded once), or None when the folder has no tokenizer files."""
         if "tokenizer" not in self.extra:
-            from transformers import AutoTokenizer
-
-            has_files = self.gguf_file is not None or any(next(self.folder.glob(pattern), None) for pattern in TOKENIZER_FILES)
-            self.extra["tokenizer"] = AutoTokenizer.from_pretrained(self.folder, gguf_file=self.gguf_file) if has_files else None
+            self.extra["tokenizer"] = load_tokenizer(self.folder, self.gguf_file)
         return self.extra["tokenizer"]
 
     def require_tokenizer(self, purpose: str):
         """The tokenizer, or one clear error naming what needed it."""
-        tokenizer = self.load_tokenizer()
-        if tokenizer is None:
-            raise TransMLAError(f"{purpose} needs the source's tokenizer, but {self.folder} has no tokenizer files: "
-                                "copy them into the folder (tokenizer.json, tokenizer_config.json, ...)")
-        return tokenizer
+        return require_tokenizer(self.load_tokenizer(), self.folder, purpose)
 
     def load_generation_config(self):
         from transformers import GenerationConfig
@@ -77,6 +71,23 @@ class Source:
             except (OSError, ValueError, TypeError):
                 pass
         return GenerationConfig.from_model_config(self.config)  # a GGUF file holds none of its own
+
+
+def load_tokenizer(folder: Path, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a model folder (or GGUF file), or None when the folder has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    if gguf_file is None and not any(next(Path(folder).glob(pattern), None) for pattern in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code or None)
+
+
+def require_tokenizer(tokenizer: Any, folder: Path, purpose: str):
+    """`tokenizer`, or one clear error naming what needed it."""
+    if tokenizer is None:
+        raise TransMLAError(f"{purpose} needs a tokenizer, but {folder} has no tokenizer files: copy them into "
+                            "the folder (tokenizer.json, tokenizer_config.json, ...)")
+    return tokenizer
 
 
 def resolve(spec: str) -> tuple[Path, str | None]:
@@ -147,17 +158,11 @@ def open_source(spec: str) -> Source:
     return Source(spec, config, SafetensorsSource(folder), folder)
 
 
-def is_converted(folder: Path) -> bool:
-    """Whether a folder holds a checkpoint written by transmla."""
-    import json
-
-    config = folder / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "transmla"
-
-
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) for SRC or a converted folder, ready for evaluation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               need_tokenizer: bool = True):
+    """(model, tokenizer) for SRC or a converted folder, ready for evaluation (tokenizer None where the folder has
+    none and `need_tokenizer` is off)."""
+    from transformers import AutoModelForCausalLM
 
     folder, gguf = resolve(spec)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -166,5 +171,5 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     elif is_converted(folder):
         kwargs["trust_remote_code"] = True
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=kwargs.get("trust_remote_code"))
-    return model, tokenizer
+    tokenizer = load_tokenizer(folder, gguf, bool(kwargs.get("trust_remote_code")))
+    return model, require_tokenizer(tokenizer, folder, "evaluation") if need_tokenizer else tokenizer

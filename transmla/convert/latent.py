@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import TransMLAError
 
 
 @dataclass
@@ -43,14 +42,23 @@ def balance_scale(key: torch.Tensor, value: torch.Tensor) -> float:
 def svd_latent(key: torch.Tensor, value: torch.Tensor, rank: int, key_scale: float | None = None) -> LatentFactors:
     """Truncated SVD of the balanced stack [a W_z; W_v] (float64)."""
     key, value = key.double(), value.double()
-    limit = max_latent_rank(key.shape[1], key.shape[0], value.shape[0])
-    if not 1 <= rank <= limit:
-        raise TransMLAError(f"--kv-lora-rank {rank} is out of range: this layer allows 1..{limit}")
     a = balance_scale(key, value) if key_scale is None else key_scale
     stacked = torch.cat([a * key, value])
     u = fix_signs(left_singular_vectors(stacked)[:, :rank])
     down = u.T @ stacked
     return LatentFactors(down=down, up_key=u[: key.shape[0]] / a, up_value=u[key.shape[0] :])
+
+
+def balanced_pca(key: torch.Tensor, value: torch.Tensor, second: torch.Tensor, rank: int) -> LatentFactors:
+    """TransMLA's balanced-KV PCA: keys scaled so that their mean per-dim RMS output matches the values', then
+    the top eigenvectors of the output second moment B E[x x^T] B^T."""
+    rms = lambda w: torch.einsum("rh,hx,rx->r", w, second, w).clamp_min(0).sqrt().mean()  # noqa: E731
+    a = float(rms(value) / rms(key)) if key.shape[0] and float(rms(key)) > 0 else 1.0
+    stacked = torch.cat([a * key, value])
+    energy = stacked @ second @ stacked.T
+    vals, vecs = torch.linalg.eigh((energy + energy.T) / 2)
+    u = fix_signs(vecs.flip(-1)[:, :rank])
+    return LatentFactors(down=u.T @ stacked, up_key=u[: key.shape[0]] / a, up_value=u[key.shape[0] :])
 
 
 def left_singular_vectors(matrix: torch.Tensor) -> torch.Tensor:

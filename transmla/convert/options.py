@@ -1,0 +1,116 @@
+"""The settings of one conversion: every default and every check on them, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from transmla.errors import TransMLAError
+from transmla.io.converted import parse_dtype
+
+from .geometry import Geometry
+from .rope import ROPE_SELECTIONS
+
+METHODS = ("svd", "pca", "whiten")
+CALIBRATED = ("pca", "whiten")
+ALLOCATIONS = ("uniform", "energy")
+OFFLOAD_MODES = ("auto", "never", "always")
+FREQFOLD_AUTO = (1, 2, 4)  # the folds that `--freqfold auto` tries per layer
+
+
+@dataclass
+class ConvertOptions:
+    """Settings of one conversion; every lossy choice is here."""
+
+    kv_lora_rank: int | None = None  # None: half of the source's KV cache minus the rotary key
+    rope_dim: int | None = None  # None: 64, or all key dims if the source has fewer
+    method: str = "svd"
+    dtype: str = "auto"
+    device: str = "cpu"
+    rope_context: int = 16  # weights-only: distances over which a dropped rotation is costed (measured: README)
+    rope_per_frequency: bool = False  # one rotary component per frequency: exportable to stock DeepSeek code
+    # Calibrated conversion (--method pca|whiten): text, rotary selection, budget.
+    calib_file: str | None = None
+    calib_dataset: str | None = None
+    calib_samples: int = 64
+    calib_seq_len: int = 512
+    calib_seed: int = 0
+    calib_offload: str = "auto"  # auto | never | always: calibration hidden states in a memory-mapped file
+    rope_select: str = "rotate"  # rotate | norm | high-freq | uniform
+    freqfold: int | str = 1  # or "auto": per layer, on the calibration loss
+    rank_allocation: str = "uniform"  # uniform | energy
+    kv_budget: float | None = None  # fraction of the source's KV cache; picks R (per layer) and D
+    query_shrink: bool = True  # calibrated: dropped rotations replaced by their attention-weighted average
+    score_weight: float = 30.0  # whiten: weight of score errors against output errors (measured: docs/calibration.md)
+    refit_values: bool = True  # whiten: least-squares value up-projection under the converted attention
+    max_shard_bytes: int = 5 * 2**30
+    overwrite: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method measures activations on calibration text."""
+        return self.method in CALIBRATED
+
+    def rank(self, geo: Geometry) -> int:
+        """The uniform latent width: given, or half of the source's KV cache minus the rotary key."""
+        return self.kv_lora_rank or geo.default_rank(self.rope_dim)
+
+    def resolved(self, geo: Geometry) -> "ConvertOptions":
+        """These options with the rotary width filled in (unless a budget chooses it), checked against the source:
+        one clear error for the first bad value, before any heavy work."""
+        options = self
+        if options.rope_dim is None and options.kv_budget is None:
+            default = geo.default_rope_dim()
+            options = replace(options, rope_dim=min(default, geo.head_dim) if options.rope_per_frequency else default)
+        options.check(geo)
+        return options
+
+    def check(self, geo: Geometry) -> None:
+        """Raise TransMLAError naming the first option that this source can not take, and the fix."""
+        half = geo.head_dim // 2
+        if self.rope_dim is not None:
+            if self.rope_per_frequency and self.rope_dim > geo.head_dim:
+                raise TransMLAError(f"--rope-dim {self.rope_dim} is too wide for one component per frequency: use at most {geo.head_dim} (the head width)")
+            geo.check(self.rank(geo), self.rope_dim)
+        if self.method not in METHODS:
+            raise TransMLAError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.kv_budget is not None and self.kv_lora_rank is not None:
+            raise TransMLAError("--kv-budget chooses the latent width itself: leave out --kv-lora-rank (or --kv-budget)")
+        if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
+            raise TransMLAError(f"--kv-budget {self.kv_budget} must be a fraction in (0, 1] of the source's KV cache")
+        if self.kv_budget is not None and self.rope_dim is not None and int(self.kv_budget * geo.kv_values) <= self.rope_dim:
+            raise TransMLAError(f"--kv-budget {self.kv_budget} leaves no room for a latent next to --rope-dim {self.rope_dim}")
+        if self.score_weight <= 0:
+            raise TransMLAError(f"--score-weight {self.score_weight} must be positive")
+        if self.calib_offload not in OFFLOAD_MODES:
+            raise TransMLAError(f"--calib-offload {self.calib_offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+        if self.rank_allocation not in ALLOCATIONS:
+            raise TransMLAError(f"--rank-allocation {self.rank_allocation!r} is not one of {', '.join(ALLOCATIONS)}")
+        if self.rope_select not in ROPE_SELECTIONS:
+            raise TransMLAError(f"--rope-select {self.rope_select!r} is not one of {', '.join(ROPE_SELECTIONS)}")
+        fold = str(self.freqfold)
+        if fold != "auto":
+            if not fold.isdigit() or int(fold) < 1 or half % int(fold):
+                raise TransMLAError(f"--freqfold {self.freqfold} must divide the {half} frequencies of a head")
+            if self.rope_select != "rotate" and int(fold) != 1:
+                raise TransMLAError("--freqfold applies to --rope-select rotate only")
+        if self.rope_per_frequency and self.rope_select != "rotate":
+            raise TransMLAError("one rotary component per frequency is available with --rope-select rotate only")
+        if self.rope_per_frequency and fold != "1":
+            raise TransMLAError(f"one rotary component per frequency needs --freqfold 1 and --rope-dim <= {2 * half}")
+        parse_dtype(self.dtype)
+        if self.max_shard_bytes <= 0:
+            raise TransMLAError(f"--max-shard-size must be positive, got {self.max_shard_bytes / 2**30:g} GiB")
+        if self.calibrated:
+            if self.calib_file is None and self.calib_dataset is None:
+                raise TransMLAError(f"--method {self.method} needs calibration text: pass --calib-file FILE or --calib-dataset NAME")
+            if self.calib_samples < 1:
+                raise TransMLAError(f"number of calibration samples must be at least 1, got {self.calib_samples}")
+            if self.calib_seq_len < 2:
+                raise TransMLAError(f"sequence length {self.calib_seq_len} is too short; use at least 2 tokens")
+
+
+def default(name: str) -> Any:
+    """The default of one ConvertOptions field (for the command line, so that each default is written once)."""
+    return next(f.default for f in fields(ConvertOptions) if f.name == name)

@@ -1,0 +1,148 @@
+"""The layer loop of every conversion: sizes (--kv-budget, --rank-allocation), then each layer in order.
+
+Weights-only (`svd`) layers see the identity statistics of isotropic inputs. Calibrated layers (`pca`, `whiten`)
+are converted in order on a `LayerwiseRunner`: statistics of layer l's inputs (as produced by converted layers
+0..l-1), the per-layer recipe, an optional least-squares refit of the values under the layer's own attention
+weights, then the converted layer is run to produce layer l+1's inputs. Sizes that depend on every layer
+(per-layer ranks, the rotary width under a budget) come from a first pass through the source model that only
+measures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from transmla.io.source import Source
+
+from .attention import SourceAttention, read_attention
+from .budget import LayerSpectrum, Sizes, allocate_ranks, choose_split, layer_spectrum, rope_candidates
+from .calibration import LayerwiseRunner
+from .geometry import Geometry
+from .options import FREQFOLD_AUTO, ConvertOptions
+from .recipe import LayerSettings, convert_layer, replace_values
+from .rope import source_rope
+from .statistics import LayerStats
+
+
+class LayerStream:
+    """Each layer's converted attention tensors, in order, for resolved `options`.
+
+    `ids` [N, T] are the calibration tokens of a calibrated method (None for weights only); `scratch_dir` is
+    where calibration hidden states go when they do not fit in memory.
+    """
+
+    def __init__(self, source: Source, geo: Geometry, options: ConvertOptions, ids: torch.LongTensor | None = None,
+                 progress: bool = True, settings: LayerSettings | None = None, scratch_dir: Path | None = None) -> None:
+        self.source, self.geo, self.options, self.ids = source, geo, options, ids
+        self.settings = settings or LayerSettings.of(options)
+        self.device = torch.device(options.device)
+        self.inv_freq, self.scaling = source_rope(source.config)
+        self.progress, self.scratch_dir = progress, scratch_dir
+
+    @property
+    def calibrated(self) -> bool:
+        return self.ids is not None
+
+    def record(self, sizes: Sizes) -> dict[str, Any]:
+        """Settings worth keeping in the checkpoint's `conversion` record."""
+        o = self.options
+        out: dict[str, Any] = {"rope_select": self.settings.rope_select, "freqfold": o.freqfold,
+                               "rank_allocation": o.rank_allocation, "kv_budget": o.kv_budget}
+        if self.calibrated:
+            out |= {"calibration": {"file": str(o.calib_file) if o.calib_file else None, "dataset": o.calib_dataset,
+                                    "samples": o.calib_samples, "seq_len": o.calib_seq_len, "seed": o.calib_seed},
+                    "query_shrink": self.settings.shrink}
+            if o.method == "whiten":
+                out |= {"score_weight": self.settings.score_weight, "refit_values": o.refit_values}
+        return out | sizes.summary()
+
+    def sizes(self) -> Sizes:
+        """D and per-layer R: given, or chosen on the calibration loss proxy (one measuring pass)."""
+        o, geo = self.options, self.geo
+        if o.kv_budget is None:
+            rank = o.rank(geo)
+            if o.rank_allocation == "uniform":
+                return Sizes(o.rope_dim, [rank] * geo.layers)
+            return Sizes(o.rope_dim, allocate_ranks(self._measure([o.rope_dim]), o.rope_dim, rank * geo.layers))
+        values = int(o.kv_budget * geo.kv_values)
+        candidates = rope_candidates(geo, o.rope_dim)  # under a budget, a given --rope-dim is the only candidate
+        if len(candidates) == 1 and o.rank_allocation == "uniform":
+            return Sizes(candidates[0], [values - candidates[0]] * geo.layers)
+        chosen, ranks, losses = choose_split(self._measure(candidates), values, candidates, o.rank_allocation)
+        return Sizes(chosen, ranks, losses)
+
+    def layers(self, sizes: Sizes) -> Iterator[tuple[int, dict[str, torch.Tensor], list[float]]]:
+        """(layer, converted attention tensors with o_proj's own bias, rotary inverse frequencies)."""
+        runner = self._runner()
+        with tqdm(range(self.geo.layers), desc="converting layers", disable=not self.progress) as bar:
+            for layer in bar:
+                yield self._layer(runner, layer, sizes)
+
+    def _layer(self, runner: LayerwiseRunner | None, layer: int,
+               sizes: Sizes) -> tuple[int, dict[str, torch.Tensor], list[float]]:
+        src, o_bias = self._read(layer)
+        rank = sizes.ranks[layer]
+        stats = runner.statistics(layer, src).to(self.device) if runner is not None else self._identity()
+        converted, freqs = self._convert(runner, layer, src, stats, rank, sizes.rope_dim)
+        if runner is not None and self.options.method == "whiten" and self.options.refit_values \
+                and rank < self._full_rank(sizes.rope_dim):
+            up_value, bias = runner.refit_values(layer, src, converted, rank, freqs)
+            converted = replace_values(converted, up_value, bias, self.geo.groups, self.geo.head_dim)
+        if o_bias is not None:
+            converted["o_proj.bias"] = converted.get("o_proj.bias", 0) + o_bias.to(converted["o_proj.weight"])
+        if runner is not None:
+            runner.advance(layer, converted, rank, freqs)  # layer l+1's inputs, as the converted layer makes them
+        return layer, converted, freqs
+
+    def _runner(self) -> LayerwiseRunner | None:
+        if not self.calibrated:
+            return None
+        return LayerwiseRunner(self.source.tensors, self.source.config, self.ids, self.inv_freq, self.scaling,
+                               self.device, offload=self.options.calib_offload, scratch_dir=self.scratch_dir)
+
+    def _read(self, layer: int) -> tuple[SourceAttention, torch.Tensor | None]:
+        src, o_bias = read_attention(self.source.tensors, layer, self.geo)
+        return src.to(self.device), None if o_bias is None else o_bias.to(self.device)
+
+    def _identity(self) -> LayerStats:
+        return LayerStats.identity(self.geo.input_width, self.geo.heads, self.geo.head_dim).to(self.device)
+
+    def _full_rank(self, rope_dim: int) -> int:
+        return min(self.geo.input_width, 2 * self.geo.groups * self.geo.head_dim - rope_dim)
+
+    def _measure(self, candidates: list[int]) -> list[LayerSpectrum]:
+        spectra = []
+        runner = self._runner()
+        inv_freq = self.inv_freq.to(self.device)
+        for layer in tqdm(range(self.geo.layers), desc="measuring layers", disable=not self.progress):
+            src, o_bias = self._read(layer)
+            if runner is not None:
+                stats, scale = runner.statistics(layer, src).to(self.device), runner.residual_energy()
+            else:
+                stats, scale = self._identity(), 1.0
+            spectra.append(layer_spectrum(src, stats, inv_freq, self.settings, candidates, scale))
+            if runner is not None:
+                runner.advance_source(layer, src, o_bias)
+        return spectra
+
+    def _convert(self, runner: LayerwiseRunner | None, layer: int, src: SourceAttention, stats: LayerStats,
+                 rank: int, rope_dim: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+        inv_freq = self.inv_freq.to(self.device)
+        if str(self.options.freqfold) != "auto" or runner is None:
+            return convert_layer(src, stats, inv_freq, self.scaling, rank, rope_dim, self.settings)
+        best = None
+        for fold in FREQFOLD_AUTO:
+            if (self.geo.head_dim // 2) % fold:
+                continue
+            settings = replace(self.settings, freqfold=fold)
+            converted, freqs = convert_layer(src, stats, inv_freq, self.scaling, rank, rope_dim, settings)
+            loss = runner.attention_error(layer, src, None, converted, rank, freqs, samples=max(1, runner.samples // 4))
+            if best is None or loss < best[0]:
+                best = (loss, converted, freqs)
+        return best[1], best[2]

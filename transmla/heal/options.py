@@ -1,0 +1,117 @@
+"""The settings of one healing run, the record of its result, and the checks on them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from transmla.errors import TransMLAError
+from transmla.io.converted import is_converted, parse_dtype
+
+TRAIN_CHOICES = ("attention", "latent", "all")
+
+
+@dataclass
+class HealOptions:
+    """Settings of one healing run."""
+
+    tokens: int
+    text_file: str | None = None
+    dataset: str | None = None
+    self_distill: bool = False
+    teacher: str | None = None  # None: the converted folder's `source_model`
+    train: str = "attention"  # attention | latent (kv_a_proj, kv_b_proj) | all
+    seq_len: int = 2048
+    batch_size: int = 4  # windows per micro-batch and process
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup: float = 0.05  # share of the steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    gradient_checkpointing: bool = True
+    mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it) | bf16 | fp16 | no
+    val_fraction: float = 0.05
+    max_val_windows: int = 16
+    eval_every: int = 0  # steps between validation perplexities (0: only before and after)
+    checkpoint_every: int = 200  # steps between checkpoints (0: none)
+    keep_checkpoints: int = 2
+    work_dir: str | None = None  # None: OUT.heal-work beside OUT
+    keep_work_dir: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    dtype: str = "auto"  # dtype of the written model; auto: the converted folder's
+
+    def settings(self, folder: Path, teacher: str, processes: int) -> dict[str, Any]:
+        """What a resumed run must share with the interrupted one."""
+        keep = ("tokens", "dataset", "self_distill", "train", "seq_len", "batch_size", "grad_accum", "lr", "warmup",
+                "weight_decay", "max_grad_norm", "temperature", "kl_weight", "ce_weight", "val_fraction",
+                "max_val_windows", "seed")
+        text = str(Path(self.text_file).expanduser().absolute()) if self.text_file else None
+        return {"folder": str(folder), "teacher": teacher, "text_file": text, "processes": processes,
+                **{k: getattr(self, k) for k in keep}}
+
+
+@dataclass
+class HealResult:
+    """What a healing run did and the validation perplexities around it."""
+
+    out: str
+    steps: int
+    tokens: int
+    seconds: float
+    teacher_perplexity: float
+    before_perplexity: float
+    after_perplexity: float
+    train_windows: int
+    validation_windows: int
+    data: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def recovered(self) -> float:
+        """Share of the validation perplexity gap to the teacher that healing closed."""
+        gap = self.before_perplexity - self.teacher_perplexity
+        return (self.before_perplexity - self.after_perplexity) / gap if gap > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "recovered": self.recovered}
+
+
+def check_options(folder: Path, out: Path, options: HealOptions) -> None:
+    """Refuse bad input before anything heavy is loaded."""
+    if not folder.exists():
+        raise TransMLAError(f"{folder} does not exist; give the folder written by `transmla convert`")
+    if not folder.is_dir() or not is_converted(folder):
+        raise TransMLAError(f"{folder} is not a converted checkpoint (no config.json with model_type 'transmla'); run `transmla convert` first")
+    sources = [options.text_file is not None, options.dataset is not None, options.self_distill]
+    if sum(sources) != 1:
+        raise TransMLAError("give exactly one source of training text: --text-file, --dataset or --self-distill")
+    if options.text_file is not None and not Path(options.text_file).expanduser().is_file():
+        raise TransMLAError(f"text file not found: {options.text_file}; pass the path of an existing UTF-8 text file")
+    if options.train not in TRAIN_CHOICES:
+        raise TransMLAError(f"--train {options.train!r} is not one of {', '.join(TRAIN_CHOICES)}")
+    if options.tokens < 1:
+        raise TransMLAError(f"--tokens must be positive, got {options.tokens}")
+    for name in ("batch_size", "grad_accum", "seq_len"):
+        if getattr(options, name) < 1:
+            raise TransMLAError(f"--{name.replace('_', '-')} must be positive, got {getattr(options, name)}")
+    if options.temperature <= 0:
+        raise TransMLAError(f"--temperature must be positive, got {options.temperature}")
+    if options.kl_weight < 0 or options.ce_weight < 0 or options.kl_weight + options.ce_weight == 0:
+        raise TransMLAError("--kl-weight and --ce-weight must be >= 0 and not both 0")
+    if options.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+        raise TransMLAError(f"--mixed-precision {options.mixed_precision!r} is not one of auto, bf16, fp16, no")
+    parse_dtype(options.dtype)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:
+        raise TransMLAError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+
+
+def default(name: str) -> Any:
+    """The default of one HealOptions field (for the command line, so that each default is written once)."""
+    return next(f.default for f in fields(HealOptions) if f.name == name)
