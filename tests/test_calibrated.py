@@ -41,7 +41,7 @@ def sources(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
 
 
 def calibrated(calib_file: Path, **kwargs) -> ConvertOptions:
-    return ConvertOptions(dtype="float32", calib_file=str(calib_file), calib_samples=6, calib_seq_len=SEQ, **kwargs)
+    return ConvertOptions(dtype="float32", calib_sources=(f"file:{calib_file}",), calib_samples=6, calib_seq_len=SEQ, **kwargs)
 
 
 def load(folder: Path):
@@ -100,12 +100,15 @@ def test_whiten_beats_svd_and_pca_on_the_calibration_loss(sources, calib_file):
     assert losses["whiten"] < losses["pca"]
 
 
-def test_energy_allocation_gives_per_layer_ranks_that_load_and_run(sources, calib_file, tmp_path):
+@pytest.mark.parametrize("allocation", ["energy", "loss"])
+def test_water_filled_ranks_load_and_run(sources, calib_file, tmp_path, allocation):
     folder, _ = sources["llama-gqa"]
-    options = calibrated(calib_file, method="whiten", kv_lora_rank=8, rope_dim=8, rank_allocation="energy")
+    options = calibrated(calib_file, method="whiten", kv_lora_rank=8, rope_dim=8, rank_allocation=allocation)
     model = load(convert(str(folder), tmp_path / "mla", options, progress=False))
     ranks = model.config.kv_lora_rank
-    assert sum(ranks) == 8 * len(ranks) and len(set(ranks)) > 1
+    assert sum(ranks) == 8 * len(ranks) and min(ranks) >= 4  # the total kept, no layer below half the uniform rank
+    if allocation == "energy":
+        assert len(set(ranks)) > 1
     out = model.generate(batch()[:, :10], max_new_tokens=5, do_sample=False)
     assert out.shape == (2, 15)
 
@@ -198,3 +201,13 @@ def test_hidden_buffer_refuses_when_nothing_fits(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
     with pytest.raises(TransMLAError, match="fit neither in memory nor"):
         hidden_buffer((2, 4, 8), torch.device("cpu"), "always", tmp_path)
+
+
+def test_loss_allocation_takes_the_largest_whitened_losses_across_layers():
+    """Water-filling on raw losses: the ranks go where the removed loss is largest, whatever the layer."""
+    from transmla.convert.budget import LayerSpectrum, allocate_ranks
+
+    big = LayerSpectrum({8: 0.0}, {8: torch.tensor([9.0, 8.0, 7.0, 6.0])}, 1.0)
+    small = LayerSpectrum({8: 0.0}, {8: torch.tensor([5.0, 0.5, 0.1, 0.0])}, 1.0)
+    assert allocate_ranks([big, small], 8, 4, min_rank=1) == [3, 1]
+    assert allocate_ranks([big, small], 8, 6, min_rank=1) == [4, 2]

@@ -76,7 +76,7 @@ def test_inspect_reports_sizes(source):
     ],
 )
 def test_convert_bad_options(source, tmp_path, args, fragment):
-    result = run("convert", source / "src", "--out", tmp_path / "mla", *args)
+    result = run("convert", source / "src", "--out", tmp_path / "mla", "--method", "svd", *args)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "mla").exists()
 
@@ -90,7 +90,7 @@ def test_missing_source_folder(tmp_path):
 def test_unwritable_output(source, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    result = run("convert", source / "src", "--out", blocker / "mla", "-r", "24", "-d", "8")
+    result = run("convert", source / "src", "--out", blocker / "mla", "-r", "24", "-d", "8", "--method", "svd")
     assert_one_line_error(result, "--out")
 
 
@@ -98,7 +98,7 @@ def test_unwritable_output(source, tmp_path):
 def test_read_only_parent(source, tmp_path):
     parent = tmp_path / "ro"
     parent.mkdir(mode=0o500)
-    result = run("convert", source / "src", "--out", parent / "mla", "-r", "24", "-d", "8")
+    result = run("convert", source / "src", "--out", parent / "mla", "-r", "24", "-d", "8", "--method", "svd")
     assert_one_line_error(result, "--out")
 
 
@@ -106,10 +106,10 @@ def test_existing_output_needs_overwrite(source, tmp_path):
     out = tmp_path / "mla"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result = run("convert", source / "src", "--out", out, "-r", "24", "-d", "8")
+    result = run("convert", source / "src", "--out", out, "-r", "24", "-d", "8", "--method", "svd")
     assert_one_line_error(result, "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
-    result = run("convert", source / "src", "--out", out, "-r", "24", "-d", "8", "--overwrite")
+    result = run("convert", source / "src", "--out", out, "-r", "24", "-d", "8", "--overwrite", "--method", "svd")
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
 
@@ -150,7 +150,7 @@ def test_folder_without_tokenizer_files_converts_or_fails_in_one_line(tmp_path, 
     from tiny import tiny_model
 
     tiny_model("llama-gqa").save_pretrained(tmp_path / "bare")
-    result = run("convert", tmp_path / "bare", "--out", tmp_path / "mla", "-r", "24", "-d", "8", "--device", "cpu")
+    result = run("convert", tmp_path / "bare", "--out", tmp_path / "mla", "-r", "24", "-d", "8", "--device", "cpu", "--method", "svd")
     assert result.exit_code == 0, result.output
     assert "no tokenizer files" in result.output
     assert (tmp_path / "mla" / "model.safetensors").is_file() and not (tmp_path / "mla" / "tokenizer.json").exists()

@@ -22,7 +22,7 @@ def full_rank_options(model, **kwargs) -> ConvertOptions:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope_dim = cfg.num_key_value_heads * head_dim
     rank = min(cfg.hidden_size, 2 * cfg.num_key_value_heads * head_dim - rope_dim)
-    return ConvertOptions(kv_lora_rank=rank, rope_dim=rope_dim, dtype="float32", **kwargs)
+    return ConvertOptions(method="svd", kv_lora_rank=rank, rope_dim=rope_dim, dtype="float32", **kwargs)
 
 
 def padded_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +103,7 @@ def test_output_folder_is_a_complete_checkpoint(converted):
 
 def test_reduced_cache_conversion_runs_and_is_smaller(tmp_path):
     source = save_source("llama-gqa", tmp_path / "src")
-    out = convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(kv_lora_rank=12, rope_dim=8, dtype="float32"), progress=False)
+    out = convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(method="svd", kv_lora_rank=12, rope_dim=8, dtype="float32"), progress=False)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     ids, mask = padded_batch()
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 def test_impossible_sizes_are_refused(tmp_path, rank, rope_dim, message):
     save_source("llama-gqa", tmp_path / "src")
     with pytest.raises(TransMLAError, match=message):
-        convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(kv_lora_rank=rank, rope_dim=rope_dim), progress=False)
+        convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(method="svd", kv_lora_rank=rank, rope_dim=rope_dim), progress=False)
     assert not (tmp_path / "mla").exists()
 
 
@@ -161,7 +161,7 @@ def test_unknown_architecture_is_named(tmp_path):
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(TransMLAError, match="architecture 'gpt2' is not supported.*llama"):
-        convert(str(tmp_path / "gpt2"), tmp_path / "mla", ConvertOptions(), progress=False)
+        convert(str(tmp_path / "gpt2"), tmp_path / "mla", ConvertOptions(method="svd"), progress=False)
 
 
 def test_config_that_lies_about_shapes_is_refused(tmp_path):
@@ -171,5 +171,5 @@ def test_config_that_lies_about_shapes_is_refused(tmp_path):
     config["num_key_value_heads"] = 4
     path.write_text(json.dumps(config))
     with pytest.raises(TransMLAError, match="does not match the weights"):
-        convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(kv_lora_rank=8, rope_dim=8), progress=False)
+        convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(method="svd", kv_lora_rank=8, rope_dim=8), progress=False)
     assert not (tmp_path / "mla").exists()

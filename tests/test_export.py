@@ -24,7 +24,7 @@ TEXT = "Latent attention caches a small latent per token; the rotary key is shar
 
 
 def per_frequency(rope_dim: int, **kwargs) -> ConvertOptions:
-    return ConvertOptions(rope_dim=rope_dim, rope_per_frequency=True, dtype="float32", **kwargs)
+    return ConvertOptions(method="svd", rope_dim=rope_dim, rope_per_frequency=True, dtype="float32", **kwargs)
 
 
 def load_pair(ours: Path, exported: Path, dtype: torch.dtype = torch.float32):
@@ -226,7 +226,7 @@ def test_bfloat16_export_is_as_close_as_our_bfloat16(tmp_path):
     "kind,options,fragment",
     [
         ("qwen2", per_frequency(16), "can not be exported exactly"),
-        ("llama-gqa", ConvertOptions(rope_dim=16, dtype="float32"), "--format deepseek"),
+        ("llama-gqa", ConvertOptions(method="svd", rope_dim=16, dtype="float32"), "--format deepseek"),
         ("llama3", per_frequency(16), "--rope-dim 4"),
     ],
 )
@@ -248,12 +248,12 @@ def test_bad_export_requests_fail_clearly(tmp_path):
     with pytest.raises(TransMLAError, match="not one written by"):
         export_deepseek(tmp_path / "src", tmp_path / "c", progress=False)
     with pytest.raises(TransMLAError, match="at most 16"):
-        convert_deepseek(str(tmp_path / "src"), tmp_path / "d", ConvertOptions(rope_dim=32), progress=False)
+        convert_deepseek(str(tmp_path / "src"), tmp_path / "d", ConvertOptions(method="svd", rope_dim=32), progress=False)
 
 
 def test_convert_to_deepseek_leaves_only_the_export(tmp_path):
     save_source("llama-gqa", tmp_path / "src")
-    report = convert_deepseek(str(tmp_path / "src"), tmp_path / "out" / "ds", ConvertOptions(dtype="float32"), progress=False)
+    report = convert_deepseek(str(tmp_path / "src"), tmp_path / "out" / "ds", ConvertOptions(method="svd", dtype="float32"), progress=False)
     assert report.kv_lora_rank == 16 and report.rope_theta == pytest.approx(500.0)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["ds"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "ds").eval()
@@ -263,13 +263,13 @@ def test_convert_to_deepseek_leaves_only_the_export(tmp_path):
 def test_cli_export_and_convert_format(tmp_path):
     runner = CliRunner()
     save_source("llama-gqa", tmp_path / "src")
-    result = runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "ds1"), "--format", "deepseek", "--dtype", "float32"])
+    result = runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "ds1"), "--format", "deepseek", "--dtype", "float32", "--method", "svd"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "ds1" / "config.json").read_text())["model_type"] == "deepseek_v3"
-    runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "mla"), "--rope-dim", "16"])
+    runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "mla"), "--rope-dim", "16", "--method", "svd"])
     result = runner.invoke(app, ["export", str(tmp_path / "mla"), "--out", str(tmp_path / "ds2")])
     assert result.exit_code == 1 and "--format deepseek" in result.output
-    runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "pf"), "--rope-dim", "16", "--rope-per-frequency"])
+    runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "pf"), "--rope-dim", "16", "--rope-per-frequency", "--method", "svd"])
     result = runner.invoke(app, ["export", str(tmp_path / "pf"), "--out", str(tmp_path / "ds3"), "--kv-lora-rank", "32"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "ds3" / "config.json").read_text())["kv_lora_rank"] == 32

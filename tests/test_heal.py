@@ -17,7 +17,7 @@ from transmla.heal import HealOptions, heal
 from transmla.heal.run import select_trainable
 from transmla.workflows import convert_and_heal
 from transmla.heal.checkpoint import checkpoints, default_work_dir
-from transmla.heal.data import WindowStream, parse_tokens, split_windows, tokenize_documents
+from transmla.heal.data import WindowStream, pack, parse_tokens, tokenize_documents
 from transmla.heal.loss import distillation_loss
 
 WORDS = ("the latent cache holds a small vector per token while every head reads keys and values from it "
@@ -50,7 +50,7 @@ def text_file(tmp_path_factory) -> Path:
 def make_converted(root: Path, kind: str = "llama-gqa") -> Path:
     save_source(kind, root / f"{kind}-src")
     out = root / f"{kind}-mla"
-    convert(str(root / f"{kind}-src"), out, ConvertOptions(kv_lora_rank=4, rope_dim=8), progress=False)
+    convert(str(root / f"{kind}-src"), out, ConvertOptions(method="svd", kv_lora_rank=4, rope_dim=8), progress=False)
     return out
 
 
@@ -60,7 +60,7 @@ def converted(tmp_path_factory) -> Path:
 
 
 def options(path: Path, **kw) -> HealOptions:
-    base = dict(tokens=6 * SEQ * BATCH, text_file=str(path), seq_len=SEQ, batch_size=BATCH, lr=3e-3,
+    base = dict(tokens=6 * SEQ * BATCH, data=(f"file:{path}",), seq_len=SEQ, batch_size=BATCH, lr=3e-3,
                 warmup=0.0, checkpoint_every=0, gradient_checkpointing=True)
     return HealOptions(**{**base, **kw})
 
@@ -96,11 +96,8 @@ def test_data_helpers():
         parse_tokens("lots")
     stream = tokenize_documents(byte_tokenizer(), ["abc", "de"], max_tokens=None, separator=2)
     assert stream.tolist() == [97, 98, 99, 2, 100, 101]
-    windows = split_windows(torch.arange(100), 10, val_fraction=0.2, max_val_windows=5, source="x")
-    assert windows.train.shape == (8, 10) and windows.validation.shape == (2, 10)
-    assert windows.validation[0, 0].item() == 80  # the held-out windows are the tail
-    with pytest.raises(TransMLAError, match="at least two windows"):
-        split_windows(torch.arange(15), 10, 0.1, 4, "x")
+    windows = pack(torch.arange(105), 10)
+    assert windows.shape == (10, 10) and windows[3, 0].item() == 30  # consecutive, the tail dropped
     # two processes together visit every window once per epoch, and batches depend on the step alone
     data = torch.arange(12)[:, None]
     seen = [WindowStream(data, 3, seed=1, rank=r, world=2).batch(m) for m in range(2) for r in range(2)]
@@ -200,10 +197,10 @@ def test_latent_trains_only_the_kv_projections(converted):
 
 def test_self_distill_and_convert_then_heal(tmp_path):
     save_source("llama-gqa", tmp_path / "src")
-    opts = HealOptions(tokens=2 * 32 * 2, self_distill=True, seq_len=32, batch_size=2, lr=1e-3,
-                       checkpoint_every=0, max_val_windows=1)
-    result = convert_and_heal(str(tmp_path / "src"), tmp_path / "healed", ConvertOptions(kv_lora_rank=4, rope_dim=8), opts, progress=False)
-    assert result.steps == 2 and result.data == "sampled from the teacher"
+    opts = HealOptions(tokens=2 * 32 * 2, seq_len=32, sample_len=48, batch_size=2, lr=1e-3,
+                       checkpoint_every=0, max_val_windows=1)  # no text given: sampled from the teacher
+    result = convert_and_heal(str(tmp_path / "src"), tmp_path / "healed", ConvertOptions(method="svd", kv_lora_rank=4, rope_dim=8), opts, progress=False)
+    assert result.steps == 2 and result.data == "self"
     assert result.train_windows == 4 and result.validation_windows == 1  # enough for the budget, plus one held out
     assert (tmp_path / "healed" / "model.safetensors").is_file()
     assert not (tmp_path / "healed.unhealed").exists()
@@ -215,10 +212,12 @@ def test_bad_input(converted, text_file, tmp_path):
     save_source("llama-gqa", tmp_path / "plain")
     with pytest.raises(TransMLAError, match="not a converted checkpoint"):
         heal(tmp_path / "plain", tmp_path / "o", options(text_file), progress=False)
-    with pytest.raises(TransMLAError, match="exactly one source"):
-        heal(converted, tmp_path / "o", options(text_file, text_file=None), progress=False)
-    with pytest.raises(TransMLAError, match="exactly one source"):
-        heal(converted, tmp_path / "o", options(text_file, self_distill=True), progress=False)
+    with pytest.raises(TransMLAError, match="is not one of self, file:PATH, dataset:NAME"):
+        heal(converted, tmp_path / "o", options(text_file, data=("bogus-source",)), progress=False)
+    with pytest.raises(TransMLAError, match="given twice"):
+        heal(converted, tmp_path / "o", options(text_file, data=("self", "self@2")), progress=False)
+    with pytest.raises(TransMLAError, match="weight after '@' must be a positive number"):
+        heal(converted, tmp_path / "o", options(text_file, data=("self@0",)), progress=False)
     with pytest.raises(TransMLAError, match="text file not found"):
         heal(converted, tmp_path / "o", options(tmp_path / "nope.txt"), progress=False)
     with pytest.raises(TransMLAError, match="--train"):
@@ -234,7 +233,7 @@ def test_bad_input(converted, text_file, tmp_path):
         heal(converted, tmp_path / "full", options(text_file), progress=False)
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    with pytest.raises(TransMLAError, match="at least two windows"):
+    with pytest.raises(TransMLAError, match="gives 0 windows of 64 tokens, too few to hold 2 out"):
         heal(converted, tmp_path / "o", options(short), progress=False)
     with pytest.raises(TransMLAError, match="teacher"):
         heal(converted, tmp_path / "o", options(text_file, teacher=str(tmp_path / "no-teacher")), progress=False)
@@ -248,15 +247,19 @@ def test_command_line(tmp_path, text_file):
     runner = CliRunner()
     save_source("llama-gqa", tmp_path / "src")
     common = ["--seq-len", "64", "--batch-size", "4"]
-    result = runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "healed"), "--heal-tokens", "1k"])
-    assert result.exit_code == 1 and "needs --heal-data" in result.output and not (tmp_path / "healed").exists()
-    result = runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "mla"), "-r", "4", "-d", "8"])
+    result = runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "mla"), "-r", "4", "-d", "8", "--method", "svd"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["heal", str(tmp_path / "mla"), "--out", str(tmp_path / "healed"), "--tokens", "0.5k",
                                  "--text-file", str(text_file), "--train", "latent", "--no-gradient-checkpointing", *common])
     assert result.exit_code == 0, result.output
     assert "2 steps" in result.output and (tmp_path / "healed" / "model.safetensors").is_file()
-    result = runner.invoke(app, ["heal", str(tmp_path / "mla"), "--out", str(tmp_path / "other"), "--tokens", "1k", *common])
+    result = runner.invoke(app, ["heal", str(tmp_path / "mla"), "--out", str(tmp_path / "other"), "--tokens", "1k",
+                                 "--data", "self@2", "--text-file", str(text_file), "--sample-len", "64", *common])
+    assert result.exit_code == 0, result.output  # a mixture: two thirds sampled from the teacher
+    record = json.loads((tmp_path / "other" / "transmla.json").read_text())["heal"]
+    assert record["data"].startswith("67% self + 33% file:")
+    result = runner.invoke(app, ["heal", str(tmp_path / "mla"), "--out", str(tmp_path / "bad"), "--tokens", "1k",
+                                 "--data", "dataset", *common])
     assert result.exit_code == 1
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "exactly one source" in lines[0]
+    assert len(lines) == 1 and "is not one of self, file:PATH" in lines[0]

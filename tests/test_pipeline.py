@@ -19,7 +19,6 @@ from transmla.convert.statistics import LayerStats
 from transmla.io.source import open_source
 
 SEQ = 48
-TEXT = ("The latent holds what the keys and values share; the rotary key holds where a token is. " * 20)
 
 
 def save(kind: str, folder, rope_theta: float | None = None) -> torch.nn.Module:
@@ -36,7 +35,7 @@ def save(kind: str, folder, rope_theta: float | None = None) -> torch.nn.Module:
 def test_weights_only_is_the_general_recipe_with_identity_statistics(tmp_path, kind, rank, rope_dim):
     save(kind, tmp_path / "src")
     out = convert(str(tmp_path / "src"), tmp_path / "mla",
-                  ConvertOptions(kv_lora_rank=rank, rope_dim=rope_dim, dtype="float32"), progress=False)
+                  ConvertOptions(method="svd", kv_lora_rank=rank, rope_dim=rope_dim, dtype="float32"), progress=False)
     written = load_file(out / "model.safetensors")
     source = open_source(str(tmp_path / "src"))
     geo = Geometry.of(source.config)
@@ -62,10 +61,9 @@ def test_full_latent_beside_a_narrow_rotary_key_is_exact(tmp_path, kind, method)
     rope_dim = 2 * cfg.num_key_value_heads
     rank = min(cfg.hidden_size, 2 * cfg.num_key_value_heads * head_dim - rope_dim)
     assert rope_dim < cfg.num_key_value_heads * head_dim
-    calib = tmp_path / "calib.txt"
-    calib.write_text(TEXT)
+    # whiten calibrates on text sampled from the source itself: the default, no data given
     options = ConvertOptions(kv_lora_rank=rank, rope_dim=rope_dim, dtype="float32", method=method,
-                             calib_file=str(calib), calib_samples=4, calib_seq_len=SEQ)
+                             calib_samples=4, calib_seq_len=SEQ)
     out = convert(str(tmp_path / "src"), tmp_path / "mla", options, progress=False)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     source = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()

@@ -28,7 +28,7 @@ def full_size(model) -> int:
 
 
 def full_rank_options(model, **kwargs) -> ConvertOptions:
-    return ConvertOptions(kv_lora_rank=full_size(model), rope_dim=full_size(model), dtype="float32", **kwargs)
+    return ConvertOptions(method="svd", kv_lora_rank=full_size(model), rope_dim=full_size(model), dtype="float32", **kwargs)
 
 
 def padded_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +71,7 @@ def calib_file(tmp_path_factory) -> Path:
 
 
 def calibrated(calib_file: Path, **kwargs) -> ConvertOptions:
-    return ConvertOptions(dtype="float32", calib_file=str(calib_file), calib_samples=6, calib_seq_len=48, **kwargs)
+    return ConvertOptions(dtype="float32", calib_sources=(f"file:{calib_file}",), calib_samples=6, calib_seq_len=48, **kwargs)
 
 
 def test_checkpoint_holds_pre_features_and_narrow_projections(converted):
@@ -99,7 +99,7 @@ def test_checkpoint_holds_pre_features_and_narrow_projections(converted):
 
 def test_lossy_conversion_loads_and_runs(tmp_path):
     save_source("qwen3", tmp_path / "src")
-    model = load(convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(kv_lora_rank=16, rope_dim=8, dtype="float32"), progress=False))
+    model = load(convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(method="svd", kv_lora_rank=16, rope_dim=8, dtype="float32"), progress=False))
     assert model.config.kv_values_per_token() == [24, 24]  # of 48
     ids, mask = padded_batch()
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_lossy_calibrated_conversion_is_finite(tmp_path, calib_file, settings):
 
 def test_deepseek_export_is_refused(tmp_path):
     save_source("qwen3", tmp_path / "src")
-    options = ConvertOptions(kv_lora_rank=16, rope_dim=8, rope_per_frequency=True, dtype="float32")
+    options = ConvertOptions(method="svd", kv_lora_rank=16, rope_dim=8, rope_per_frequency=True, dtype="float32")
     ours = convert(str(tmp_path / "src"), tmp_path / "mla", options, progress=False)
     with pytest.raises(TransMLAError, match="no per-head key norm"):
         export_deepseek(ours, tmp_path / "ds", ExportOptions(), progress=False)
@@ -142,4 +142,4 @@ def test_unknown_architecture_names_qwen3(tmp_path):
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(TransMLAError, match="architecture 'gpt2' is not supported.*qwen3"):
-        convert(str(tmp_path / "gpt2"), tmp_path / "mla", ConvertOptions(), progress=False)
+        convert(str(tmp_path / "gpt2"), tmp_path / "mla", ConvertOptions(method="svd"), progress=False)

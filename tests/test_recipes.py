@@ -44,7 +44,7 @@ def test_unknown_key_and_bad_value_are_refused(tmp_path):
 def test_flags_override_the_recipe(tmp_path):
     save_source("llama-gqa", tmp_path / "src")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("kv-lora-rank: 24\nrope_dim: 8\ndtype: float32\n")
+    recipe.write_text("kv-lora-rank: 24\nrope_dim: 8\ndtype: float32\nmethod: svd\n")
     runner = CliRunner()
     result = runner.invoke(app, ["convert", str(tmp_path / "src"), "--out", str(tmp_path / "a"), "--recipe", str(recipe)])
     assert result.exit_code == 0, result.output

@@ -27,7 +27,7 @@ from transmla.io.failures import Terminated, terminate_as_interrupt
 from transmla.io import SafetensorsSource, ShardedSafetensorsWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ("-r", "24", "-d", "8", "--device", "cpu")
+ARGS = ("-r", "24", "-d", "8", "--device", "cpu", "--method", "svd")
 runner = CliRunner()
 
 # Runs the CLI with every layer's attention math slowed down, so that a signal lands mid-conversion.
@@ -148,7 +148,7 @@ def test_interrupt_during_overwrite_keeps_the_old_output(source, tmp_path, monke
     assert run("convert", source, "--out", out, *ARGS).exit_code == 0
     before = snapshot(out)
     interrupt_second_layer(monkeypatch)
-    result = run("convert", source, "--out", out, "-r", "16", "-d", "8", "--device", "cpu", "--overwrite")
+    result = run("convert", source, "--out", out, "-r", "16", "-d", "8", "--device", "cpu", "--overwrite", "--method", "svd")
     assert result.exit_code == 130
     assert snapshot(out) == before
     assert leftovers(tmp_path) == []
@@ -253,7 +253,7 @@ def test_config_that_lies_is_refused(tmp_path, monkeypatch, field, value, fragme
     config[field] = value
     (src / "config.json").write_text(json.dumps(config))
     no_layer_math(monkeypatch)
-    result = run("convert", src, "--out", tmp_path / "mla", "-d", "8", "--device", "cpu")
+    result = run("convert", src, "--out", tmp_path / "mla", "-d", "8", "--device", "cpu", "--method", "svd")
     one_line_error(result, fragment)
     assert not (tmp_path / "mla").exists()
 
@@ -290,7 +290,7 @@ def test_out_that_would_replace_the_source_is_refused(tmp_path, where):
 def test_same_input_gives_byte_identical_output(sharded, tmp_path, shard_gib):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        result = run("convert", sharded, "--out", out, "-r", "20", "-d", "8", "--max-shard-size", shard_gib, "--device", "cpu")
+        result = run("convert", sharded, "--out", out, "-r", "20", "-d", "8", "--max-shard-size", shard_gib, "--device", "cpu", "--method", "svd")
         assert result.exit_code == 0, result.output
     first, second = snapshot(outs[0]), snapshot(outs[1])
     assert sorted(first) == sorted(second)

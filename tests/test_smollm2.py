@@ -31,7 +31,7 @@ def original():
 
 
 def converted_perplexity(tmp_path, windows, **options) -> float:
-    out = convert("smollm2-135m", tmp_path / "mla", ConvertOptions(dtype="float32", **options), progress=False)
+    out = convert("smollm2-135m", tmp_path / "mla", ConvertOptions(**{"method": "svd", "dtype": "float32", **options}), progress=False)
     model, _ = load_model(str(out))
     return perplexity(model, windows, progress=False).perplexity
 
@@ -51,12 +51,12 @@ def test_calibrated_rope_resplit_keeps_perplexity_close(tmp_path, original):
     """R=320, D=64: the latent is full rank, only the RoPE re-split loses anything."""
     windows, base = original
     ppl = converted_perplexity(tmp_path, windows, kv_lora_rank=320, rope_dim=64, method="whiten",
-                               calib_file=str(CALIB_TEXT), calib_samples=8, calib_seq_len=512)
+                               calib_sources=(f"file:{CALIB_TEXT}",), calib_samples=8, calib_seq_len=512)
     assert ppl <= 2 * base
 
 
 def test_calibrated_half_cache_is_finite(tmp_path, original):
     windows, base = original
     ppl = converted_perplexity(tmp_path, windows, kv_lora_rank=128, rope_dim=64, method="whiten",
-                               calib_file=str(CALIB_TEXT), calib_samples=8, calib_seq_len=512)
+                               calib_sources=(f"file:{CALIB_TEXT}",), calib_samples=8, calib_seq_len=512)
     assert math.isfinite(ppl) and ppl > base

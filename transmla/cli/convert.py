@@ -24,25 +24,27 @@ def convert(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML file of convert options (recipes/); flags given here override it."),
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Latent width R cached per token and layer [default: half the source's KV cache minus the RoPE key]."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the decoupled RoPE key shared by all heads (even) [default: 64, or all key dims if fewer]."),
-    method: str = typer.Option(default("method"), "--method", help="Factorisation: svd (weights only, no data); pca (TransMLA's balanced-KV PCA of calibration activations); whiten (covariance-aware: score and output errors on calibration data)."),
+    method: str = typer.Option(default("method"), "--method", help="Factorisation: whiten (covariance-aware: score and output errors on calibration activations); pca (TransMLA's balanced-KV PCA of activations); svd (weights only: for exactness checks)."),
     rope_context: int = typer.Option(default("rope_context"), "--rope-context", help="Weights-only methods: the attention distances (0..N) over which dropping a rotation is costed; calibrated methods measure them."),
     dtype: str = typer.Option(default("dtype"), "--dtype", help="Output dtype: auto (the source's), float32, bfloat16, float16."),
     device: str = typer.Option("auto", "--device", help="Where the math runs: cpu, cuda, auto."),
     max_shard_size: float = typer.Option(default("max_shard_bytes") / 2**30, "--max-shard-size", help="Largest output shard, in GiB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out folder."),
     heal_tokens: Optional[str] = typer.Option(None, "--heal-tokens", help="Then heal with this many training tokens (e.g. 2M); see `transmla heal`."),
-    heal_data: Optional[str] = typer.Option(None, "--heal-data", help="Healing text: a text file, a dataset name (wikitext2, c4, owner/name), or self-distill."),
+    heal_data: list[str] = typer.Option([], "--heal-data", help="Healing text, repeatable: self (sampled from the original: the default), a text file, a dataset name (wikitext2, c4, owner/name), or a spec as in `heal --data`."),
     rope_per_frequency: bool = typer.Option(default("rope_per_frequency"), "--rope-per-frequency", help="Keep one rotary component of each of the D/2 fastest frequencies, so that `transmla export --format deepseek` can express the checkpoint (implied by --format deepseek)."),
-    calib_file: Optional[Path] = typer.Option(None, "--calib-file", help="Calibration text (UTF-8) for --method pca/whiten."),
-    calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="Calibration text from a dataset (wikitext2, c4; validation split)."),
-    calib_samples: int = typer.Option(default("calib_samples"), "--calib-samples", help="Calibration sequences."),
+    calib_source: list[str] = typer.Option([], "--calib-source", help="Calibration text for pca/whiten, repeatable: self (sampled from the model: the default, no data needed), file:PATH or dataset:NAME, each optionally @WEIGHT (e.g. --calib-source self@3 --calib-source file:chat.txt)."),
+    calib_file: list[Path] = typer.Option([], "--calib-file", help="Calibration text file (UTF-8); repeatable; the same as --calib-source file:PATH."),
+    calib_dataset: list[str] = typer.Option([], "--calib-dataset", help="Calibration text from a dataset (wikitext2, c4; validation split); repeatable."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration sequences [default: 64 on a GPU, 16 on a CPU]."),
+    calib_temperature: float = typer.Option(default("calib_temperature"), "--calib-temperature", help="Sampling temperature of the self source."),
     calib_seq_len: int = typer.Option(default("calib_seq_len"), "--calib-seq-len", help="Tokens per calibration sequence."),
     calib_offload: str = typer.Option(default("calib_offload"), "--calib-offload", help="Calibration hidden states: auto (to a memory-mapped file beside --out when they do not fit in memory), never, always."),
     rope_select: str = typer.Option(default("rope_select"), "--rope-select", help="Rotary key: rotate (per-frequency head mixing), norm (MHA2MLA 2-norm), high-freq, uniform."),
     freqfold: str = typer.Option(str(default("freqfold")), "--freqfold", help="Fold N adjacent frequencies into one mixing (rotate), or auto (per layer, on the calibration loss)."),
     score_weight: float = typer.Option(default("score_weight"), "--score-weight", help="whiten: weight of the attention-score error against the attention-output error."),
-    rank_allocation: str = typer.Option(default("rank_allocation"), "--rank-allocation", help="uniform, or energy: the same total latent width spread over layers by water-filling."),
-    kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Fraction of the source's KV cache to keep (e.g. 0.5): picks D (unless --rope-dim) and R on a calibration loss proxy; R per layer with --rank-allocation energy."),
+    rank_allocation: str = typer.Option(default("rank_allocation"), "--rank-allocation", help="uniform; loss: the same total latent width spread over layers by water-filling on the whitened loss each rank removes (CARE); energy: the same on losses relative to each layer's residual stream."),
+    kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Fraction of the source's KV cache to keep (e.g. 0.5): picks D (unless --rope-dim) and R on a calibration loss proxy; R per layer with --rank-allocation loss or energy."),
     export_format: str = typer.Option("ours", "--format", help="ours (the transmla format) or deepseek (stock DeepSeek-V3 for vLLM, SGLang and transformers; one rotary component per frequency; see docs/serving.md)."),
 ) -> None:
     """Convert MODEL to latent attention and write a checkpoint that transformers loads."""
@@ -78,6 +80,12 @@ def convert(
     console.print(f"wrote {run_convert(values['model'], values['out'], options)}")
 
 
+def calibration_sources(values: dict[str, Any]) -> tuple[str, ...]:
+    """--calib-source, --calib-file and --calib-dataset as one list of source specs."""
+    return (*values["calib_source"], *(f"file:{path}" for path in values["calib_file"]),
+            *(f"dataset:{name}" for name in values["calib_dataset"]))
+
+
 def convert_options(values: dict[str, Any]) -> ConvertOptions:
     """ConvertOptions from the command's (or the recipe's) values."""
     fold = str(values["freqfold"])
@@ -87,8 +95,8 @@ def convert_options(values: dict[str, Any]) -> ConvertOptions:
         kv_lora_rank=values["kv_lora_rank"], rope_dim=values["rope_dim"], method=values["method"],
         dtype=values["dtype"], device=resolve_device(values["device"]), rope_context=values["rope_context"],
         rope_per_frequency=values["rope_per_frequency"], max_shard_bytes=int(values["max_shard_size"] * 2**30),
-        overwrite=values["overwrite"], calib_file=None if values["calib_file"] is None else str(values["calib_file"]),
-        calib_dataset=values["calib_dataset"], calib_samples=values["calib_samples"],
+        overwrite=values["overwrite"], calib_sources=calibration_sources(values), calib_samples=values["calib_samples"],
+        calib_temperature=values["calib_temperature"],
         calib_seq_len=values["calib_seq_len"], calib_offload=values["calib_offload"],
         score_weight=float(values["score_weight"]), rope_select=values["rope_select"],
         freqfold=fold if fold == "auto" else int(fold), rank_allocation=values["rank_allocation"],

@@ -20,9 +20,13 @@ def heal(
     folder: Path = typer.Argument(..., help="Converted folder (from `transmla convert`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for the healed model (written atomically)."),
     tokens: str = typer.Option(..., "--tokens", "-n", help="Training tokens, e.g. 2M or 500k."),
-    text_file: Optional[Path] = typer.Option(None, "--text-file", help="Train on this UTF-8 text file."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Train on a hub dataset: wikitext2, c4 or owner/name[:config] (text column)."),
-    self_distill: bool = typer.Option(False, "--self-distill", help="Train on text sampled from the teacher (no data needed)."),
+    data: list[str] = typer.Option([], "--data", help="Training text, repeatable: self (sampled from the teacher: the default, no data needed), file:PATH or dataset:NAME, each optionally @WEIGHT (e.g. --data self@3 --data file:chat.txt)."),
+    text_file: list[Path] = typer.Option([], "--text-file", help="Train on this UTF-8 text file; repeatable; the same as --data file:PATH."),
+    dataset: list[str] = typer.Option([], "--dataset", help="Train on a hub dataset: wikitext2, c4 or owner/name[:config] (text column); repeatable."),
+    self_distill: bool = typer.Option(False, "--self-distill", help="Add text sampled from the teacher to the mixture (the default when no text is given)."),
+    sample_len: int = typer.Option(default("sample_len"), "--sample-len", help="Tokens per teacher sample (packed into training windows)."),
+    sampled_tokens: str = typer.Option(str(default("sampled_tokens")), "--sampled-tokens", help="Unique teacher tokens at most, e.g. 1M; a longer run repeats them."),
+    sample_temperature: float = typer.Option(default("sample_temperature"), "--sample-temperature", help="Sampling temperature of the teacher's text."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Original model (default: the folder's source_model)."),
     train: str = typer.Option(default("train"), "--train", help="What trains: attention, latent (kv_a_proj, kv_b_proj) or all."),
     seq_len: int = typer.Option(default("seq_len"), "--seq-len", help="Tokens per packed training window."),
@@ -47,14 +51,21 @@ def heal(
     from transmla.heal import heal as run_heal
 
     options = HealOptions(
-        tokens=parse_tokens(tokens), text_file=str(text_file) if text_file else None, dataset=dataset,
-        self_distill=self_distill, teacher=teacher, train=train, seq_len=seq_len, batch_size=batch_size,
+        tokens=parse_tokens(tokens), data=data_sources(data, text_file, dataset, self_distill),
+        sample_len=sample_len, sampled_tokens=parse_tokens(sampled_tokens), sample_temperature=sample_temperature,
+        teacher=teacher, train=train, seq_len=seq_len, batch_size=batch_size,
         grad_accum=grad_accum, lr=lr, warmup=warmup, temperature=temperature, kl_weight=kl_weight, ce_weight=ce_weight,
         gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, eval_every=eval_every,
         checkpoint_every=checkpoint_every, work_dir=str(work_dir) if work_dir else None, resume=resume, seed=seed,
         dtype=dtype, overwrite=overwrite,
     )
     print_heal_result(run_heal(folder, out, options))
+
+
+def data_sources(data: list[str], text_files: list[Path], datasets: list[str], self_distill: bool) -> tuple[str, ...]:
+    """--data, --text-file, --dataset and --self-distill as one list of source specs."""
+    return (*data, *(f"file:{path}" for path in text_files), *(f"dataset:{name}" for name in datasets),
+            *(["self"] if self_distill else []))
 
 
 def print_heal_result(result: HealResult) -> None:
@@ -68,16 +79,17 @@ def print_heal_result(result: HealResult) -> None:
         )
 
 
-def heal_options_for_convert(tokens: str | None, data: str | None, overwrite: bool = False) -> HealOptions | None:
-    """HealOptions for `convert --heal-tokens N --heal-data X` (None without --heal-tokens): X is a text file, a
-    dataset name or `self-distill`."""
+def heal_options_for_convert(tokens: str | None, data: list[str], overwrite: bool = False) -> HealOptions | None:
+    """HealOptions for `convert --heal-tokens N [--heal-data X ...]` (None without --heal-tokens): each X is a
+    source spec (self, file:PATH, dataset:NAME, @WEIGHT), a text file, a dataset name or `self-distill`."""
     if tokens is None:
         return None
-    if not data:
-        raise TransMLAError("--heal-tokens needs --heal-data: a text file, a dataset name (wikitext2, c4, owner/name) or self-distill")
-    count = parse_tokens(tokens)
-    if data == "self-distill":
-        return HealOptions(tokens=count, self_distill=True, overwrite=overwrite)
-    if Path(data).expanduser().is_file():
-        return HealOptions(tokens=count, text_file=data, overwrite=overwrite)
-    return HealOptions(tokens=count, dataset=data, overwrite=overwrite)
+    specs = []
+    for item in data:
+        if item in ("self-distill", "self") or item.startswith(("self@", "file:", "dataset:")):
+            specs.append("self" if item == "self-distill" else item)
+        elif Path(item).expanduser().is_file():
+            specs.append(f"file:{item}")
+        else:
+            specs.append(f"dataset:{item}")
+    return HealOptions(tokens=parse_tokens(tokens), data=tuple(specs), overwrite=overwrite)

@@ -31,6 +31,8 @@ def validate_recipe(command: Any, recipe: dict[str, Any], path: Path) -> dict[st
     for key, value in recipe.items():
         if key not in params or key == "recipe":
             raise TransMLAError(f"recipe {path}: unknown option {key!r}; see transmla convert --help")
+        if params[key].multiple and not isinstance(value, list):
+            value = [value]  # a single value for a repeatable option
         try:
             values[key] = params[key].process_value(context, value)
         except Exception as exc:  # the CLI library's BadParameter

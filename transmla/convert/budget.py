@@ -4,12 +4,15 @@ For a layer and a rotary width D, the covariance-aware SVD (`whiten`) of the pos
 has squared singular values sigma_1^2 >= sigma_2^2 >= ...: keeping rank R leaves a loss of sum_{k > R}
 sigma_k^2, and dropping rotary components costs their summed drop cost (`rope`), both in the same units
 (weighted squared attention-output error per token). With D fixed, the ranks that minimise the summed loss under
-sum_l R_l = L * R are the globally largest sigma^2 (each layer's list is sorted): water-filling. `--kv-budget`
-also tries every D on a grid and keeps the one with the least total loss; at D = G*d and R = G*d (100% of the
-source's cache) both losses are zero, so that split is exact.
+sum_l R_l = L * R are the globally largest sigma^2 (each layer's list is sorted): water-filling (CARE).
+`--rank-allocation loss` compares the whitened losses as they are: an error added to the residual stream
+travels on largely unchanged, so equal units mean equal harm. `energy` divides each layer's losses by its
+residual-stream energy first (a relative error). `--kv-budget` also tries every D on a grid and keeps the one
+with the least total loss; at D = G*d and R = G*d (100% of the source's cache) both losses are zero, so that
+split is exact.
 
-The proxy compares layers only roughly (a layer's residual-stream energy is not its effect on the loss), so
-water-filling never takes a layer below `RANK_FLOOR` of the uniform rank.
+The proxy compares layers only roughly (no later layer's response to an error is modelled), so water-filling
+never takes a layer below `RANK_FLOOR` of the uniform rank.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def total_loss(spectra: list[LayerSpectrum], rope_dim: int, ranks: list[int]) ->
 
 
 def choose_split(spectra: list[LayerSpectrum], values_per_layer: int, candidates: list[int],
-                 allocation: str = "energy") -> tuple[int, list[int], dict[int, float]]:
+                 allocation: str = "uniform") -> tuple[int, list[int], dict[int, float]]:
     """(D, per-layer R, loss per candidate D) for `values_per_layer` cached values per layer on average."""
     losses: dict[int, float] = {}
     best: tuple[float, int, list[int]] | None = None
@@ -95,7 +98,7 @@ def choose_split(spectra: list[LayerSpectrum], values_per_layer: int, candidates
         rank = values_per_layer - rope_dim
         if rank < 1:
             continue
-        if allocation == "energy":
+        if allocation != "uniform":
             ranks = allocate_ranks(spectra, rope_dim, rank * layers)
         else:
             ranks = [min(rank, s.max_rank(rope_dim)) for s in spectra]

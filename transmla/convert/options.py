@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from transmla.data.mixture import TextSource, parse_sources
 from transmla.errors import TransMLAError
 from transmla.io.converted import parse_dtype
 
@@ -13,9 +14,11 @@ from .rope import ROPE_SELECTIONS
 
 METHODS = ("svd", "pca", "whiten")
 CALIBRATED = ("pca", "whiten")
-ALLOCATIONS = ("uniform", "energy")
+ALLOCATIONS = ("uniform", "energy", "loss")
 OFFLOAD_MODES = ("auto", "never", "always")
 FREQFOLD_AUTO = (1, 2, 4)  # the folds that `--freqfold auto` tries per layer
+GPU_CALIB_SAMPLES = 64  # calibration sequences by default on a GPU
+CPU_CALIB_SAMPLES = 16  # ... and on a CPU, where sampling and calibrating cost minutes (its cost: README)
 
 
 @dataclass
@@ -24,21 +27,21 @@ class ConvertOptions:
 
     kv_lora_rank: int | None = None  # None: half of the source's KV cache minus the rotary key
     rope_dim: int | None = None  # None: 64, or all key dims if the source has fewer
-    method: str = "svd"
+    method: str = "whiten"
     dtype: str = "auto"
     device: str = "cpu"
     rope_context: int = 16  # weights-only: distances over which a dropped rotation is costed (measured: README)
     rope_per_frequency: bool = False  # one rotary component per frequency: exportable to stock DeepSeek code
     # Calibrated conversion (--method pca|whiten): text, rotary selection, budget.
-    calib_file: str | None = None
-    calib_dataset: str | None = None
-    calib_samples: int = 64
+    calib_sources: tuple[str, ...] = ()  # self, file:PATH, dataset:NAME, each [@WEIGHT]; none: self (sampled)
+    calib_samples: int | None = None  # None: 64 on a GPU, CPU_CALIB_SAMPLES on a CPU
     calib_seq_len: int = 512
     calib_seed: int = 0
+    calib_temperature: float = 1.0  # sampling temperature of the `self` source (the model's own distribution)
     calib_offload: str = "auto"  # auto | never | always: calibration hidden states in a memory-mapped file
     rope_select: str = "rotate"  # rotate | norm | high-freq | uniform
     freqfold: int | str = 1  # or "auto": per layer, on the calibration loss
-    rank_allocation: str = "uniform"  # uniform | energy
+    rank_allocation: str = "uniform"  # uniform | energy | loss: per-layer R by water-filling (measured: README)
     kv_budget: float | None = None  # fraction of the source's KV cache; picks R (per layer) and D
     query_shrink: bool = True  # calibrated: dropped rotations replaced by their attention-weighted average
     score_weight: float = 30.0  # whiten: weight of score errors against output errors (measured: docs/calibration.md)
@@ -63,8 +66,15 @@ class ConvertOptions:
         if options.rope_dim is None and options.kv_budget is None:
             default = geo.default_rope_dim()
             options = replace(options, rope_dim=min(default, geo.head_dim) if options.rope_per_frequency else default)
+        if options.calib_samples is None:
+            on_gpu = str(options.device).startswith("cuda")
+            options = replace(options, calib_samples=GPU_CALIB_SAMPLES if on_gpu else CPU_CALIB_SAMPLES)
         options.check(geo)
         return options
+
+    def sources(self) -> list[TextSource]:
+        """The calibration mixture (the model's own samples when none is named)."""
+        return parse_sources(self.calib_sources)
 
     def check(self, geo: Geometry) -> None:
         """Raise TransMLAError naming the first option that this source can not take, and the fix."""
@@ -102,9 +112,12 @@ class ConvertOptions:
         parse_dtype(self.dtype)
         if self.max_shard_bytes <= 0:
             raise TransMLAError(f"--max-shard-size must be positive, got {self.max_shard_bytes / 2**30:g} GiB")
+        if not self.calibrated and self.calib_sources:
+            raise TransMLAError(f"--method {self.method} reads no calibration text: leave out --calib-source/--calib-file/--calib-dataset, or use --method whiten")
         if self.calibrated:
-            if self.calib_file is None and self.calib_dataset is None:
-                raise TransMLAError(f"--method {self.method} needs calibration text: pass --calib-file FILE or --calib-dataset NAME")
+            self.sources()
+            if self.calib_temperature <= 0:
+                raise TransMLAError(f"--calib-temperature {self.calib_temperature} must be positive")
             if self.calib_samples < 1:
                 raise TransMLAError(f"number of calibration samples must be at least 1, got {self.calib_samples}")
             if self.calib_seq_len < 2:

@@ -23,13 +23,19 @@ from transmla.io.source import Source, open_source
 from transmla.io.writer import ShardedSafetensorsWriter
 
 from .budget import Sizes
-from .calibration_data import calibration_ids
+from .calibration_data import calibration_ids, check_calibration_text
 from .geometry import Geometry
 from .model_config import build_config
-from .options import ConvertOptions
+from .options import CPU_CALIB_SAMPLES, GPU_CALIB_SAMPLES, ConvertOptions
 from .recipe import LayerSettings
 from .rope import source_rope
 from .stream import LayerStream
+
+
+# Measured with benchmarks/generalize.py (SmolLM2-135M, half the cache, worst of four domains; README).
+CPU_CALIBRATION_NOTE = ("note: on the CPU the calibration is {samples} x {seq_len} tokens sampled from the model ({full} on a GPU), "
+                        "to finish in minutes; on SmolLM2-135M at half the cache that cost 2.63x against 1.92x the "
+                        "original perplexity on the worst domain; --calib-samples {full} calibrates fully")
 
 
 def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True) -> Path:
@@ -37,11 +43,13 @@ def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True
     out = Path(out)
     source = open_source(spec)
     geo = Geometry.of(source.config)
-    options = options.resolved(geo)
-    dtype = parse_dtype(options.dtype) or config_dtype(source.config)
+    resolved = options.resolved(geo)
+    dtype = parse_dtype(resolved.dtype) or config_dtype(source.config)
     check_before_work(source, out, dtype)
-    ids = calibration_ids(source, options) if options.calibrated else None
-    print_notes(source, spec)
+    check_calibration_text(source, resolved)
+    print_notes(source, spec, options, resolved)
+    options = resolved
+    ids = calibration_ids(source, options, progress) if options.calibrated else None
     stream = LayerStream(source, geo, options, ids, progress, scratch_dir=out.absolute().parent)
     sizes = stream.sizes()
     options = replace(options, rope_dim=sizes.rope_dim, extra={**options.extra, **stream.record(sizes)})
@@ -91,9 +99,12 @@ def check_before_work(source: Source, out: Path, dtype: torch.dtype) -> None:
     check_free_disk(out.parent if out.parent != Path("") else Path("."), estimate_output_bytes(source.tensors, dtype))
 
 
-def print_notes(source: Source, spec: str) -> None:
-    """What the user should know about this source before a long run."""
+def print_notes(source: Source, spec: str, given: ConvertOptions, options: ConvertOptions) -> None:
+    """What the user should know about this source and these options before a long run."""
     config = source.config
+    if options.calibrated and given.calib_samples is None and options.calib_samples == CPU_CALIB_SAMPLES:
+        tqdm.write(CPU_CALIBRATION_NOTE.format(samples=CPU_CALIB_SAMPLES, full=GPU_CALIB_SAMPLES,
+                                               seq_len=options.calib_seq_len))
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         tqdm.write(f"note: the source uses a sliding window of {config.sliding_window}; the converted model attends to the whole context")
     if source.load_tokenizer() is None:

@@ -55,8 +55,9 @@ class LayerStream:
         out: dict[str, Any] = {"rope_select": self.settings.rope_select, "freqfold": o.freqfold,
                                "rank_allocation": o.rank_allocation, "kv_budget": o.kv_budget}
         if self.calibrated:
-            out |= {"calibration": {"file": str(o.calib_file) if o.calib_file else None, "dataset": o.calib_dataset,
-                                    "samples": o.calib_samples, "seq_len": o.calib_seq_len, "seed": o.calib_seed},
+            out |= {"calibration": {"sources": [s.spec() for s in o.sources()], "samples": o.calib_samples,
+                                    "seq_len": o.calib_seq_len, "seed": o.calib_seed,
+                                    "temperature": o.calib_temperature},
                     "query_shrink": self.settings.shrink}
             if o.method == "whiten":
                 out |= {"score_weight": self.settings.score_weight, "refit_values": o.refit_values}
@@ -123,7 +124,9 @@ class LayerStream:
         for layer in tqdm(range(self.geo.layers), desc="measuring layers", disable=not self.progress):
             src, o_bias = self._read(layer)
             if runner is not None:
-                stats, scale = runner.statistics(layer, src).to(self.device), runner.residual_energy()
+                stats = runner.statistics(layer, src).to(self.device)
+                # energy: each layer's loss relative to its residual stream; loss: the whitened loss itself
+                scale = runner.residual_energy() if self.options.rank_allocation == "energy" else 1.0
             else:
                 stats, scale = self._identity(), 1.0
             spectra.append(layer_spectrum(src, stats, inv_freq, self.settings, candidates, scale))

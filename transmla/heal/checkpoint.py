@@ -12,7 +12,7 @@ from transmla.errors import TransMLAError
 
 RUN_FILE = "heal_run.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-OWN_FILES = {RUN_FILE, "self_distill.pt"}
+OWN_FILES = {RUN_FILE}
 
 
 def default_work_dir(out: Path) -> Path:

@@ -1,5 +1,6 @@
-"""Training text for healing: loading it, packing it into fixed-length windows with a held-out validation split,
-and sampling text from the teacher when there is none."""
+"""Training text for healing: a mixture of text sampled from the teacher (the default: no data needed, and no
+narrowing to one corpus), text files and hub datasets, packed into fixed-length windows with a held-out
+validation share from every source."""
 
 from __future__ import annotations
 
@@ -103,9 +104,7 @@ def _hub_documents(name: str, max_chars: int, column: str = "text") -> Iterator[
 
 
 def text_stream(tokenizer: Any, text_file: str | Path | None, dataset: str | None, max_tokens: int) -> tuple[torch.LongTensor, str]:
-    """Token stream of a text file or a hub dataset, at most `max_tokens` long, and a description of it."""
-    if (text_file is None) == (dataset is None):
-        raise TransMLAError("give exactly one source of training text: --text-file, --dataset or --self-distill")
+    """Token stream of a text file or a hub dataset (exactly one), at most `max_tokens` long, and a description."""
     if text_file is not None:
         text = load_text(text_file=text_file)
         return tokenize_documents(tokenizer, _paragraph_chunks(text), max_tokens), f"file {text_file}"
@@ -118,21 +117,6 @@ def text_stream(tokenizer: Any, text_file: str | Path | None, dataset: str | Non
         raise TransMLAError(f"unknown dataset {dataset!r}; use wikitext2, c4, a hub id such as owner/name[:config], or --text-file")
     docs = _hub_documents(repo, max_tokens * CHARS_PER_TOKEN)
     return tokenize_documents(tokenizer, docs, max_tokens, separator=tokenizer.eos_token_id), f"dataset {repo} (train)"
-
-
-def split_windows(stream: torch.LongTensor, seq_len: int, val_fraction: float, max_val_windows: int, source: str) -> Windows:
-    """Pack a token stream into windows; the last windows (a `val_fraction` share, 1..max_val_windows) are held out."""
-    if seq_len < 2:
-        raise TransMLAError(f"--seq-len {seq_len} is too short; use at least 2 tokens")
-    count = stream.numel() // seq_len
-    if count < 2:
-        raise TransMLAError(
-            f"the training text ({source}) has {stream.numel()} tokens: at least two windows of {seq_len} are needed "
-            "(one to train on, one to validate); give more text or a shorter --seq-len"
-        )
-    val = min(max_val_windows, max(1, round(count * val_fraction)), count - 1)
-    windows = stream[: count * seq_len].view(count, seq_len)
-    return Windows(windows[: count - val].clone(), windows[count - val :].clone(), source)
 
 
 def val_window_count(train_tokens: int, seq_len: int, val_fraction: float, max_val_windows: int) -> int:
@@ -174,3 +158,60 @@ class WindowStream:
     def epochs(self, micro_steps: int) -> float:
         """Passes over the training windows that `micro_steps` micro-batches per process make."""
         return micro_steps * self.world * self.micro_batch / len(self.windows)
+
+
+SAMPLE_BATCH = 1024  # teacher samples generated at once
+SAMPLE_TOP_P = 0.95
+
+
+def build_windows(options: Any, tokenizer: Any, teacher: Any, teacher_id: dict[str, Any], accelerator: Any,
+                  progress: bool) -> Windows:
+    """Training and validation windows of the options' mixture: each source gives its weight's share of the
+    windows (teacher samples repeated to fill their share when `sampled_tokens` is smaller) and of the held-out
+    validation windows (always unique)."""
+    from transmla.data.mixture import describe, shares
+
+    mixture = options.sources()
+    n_val = val_window_count(options.tokens, options.seq_len, options.val_fraction, options.max_val_windows)
+    counts = shares(mixture, math.ceil(options.tokens / options.seq_len) + n_val)
+    train, validation = [], []
+    for source, count, held_out in zip(mixture, counts, shares(mixture, n_val)):
+        if source.kind == "self":
+            wanted = min(count, math.ceil(options.sampled_tokens / options.seq_len) + held_out)
+            unique = teacher_windows(options, teacher, teacher_id, accelerator, wanted, progress)
+        else:
+            stream, _ = text_stream(tokenizer, source.value if source.kind == "file" else None,
+                                    source.value if source.kind == "dataset" else None, count * options.seq_len)
+            unique = pack(stream, options.seq_len)
+        if len(unique) <= held_out:
+            raise TransMLAError(f"the training text ({source.label}) gives {len(unique)} windows of {options.seq_len} tokens, "
+                                f"too few to hold {held_out} out for validation; give more text or a shorter --seq-len")
+        keep = len(unique) - held_out
+        train.append(unique[torch.arange(count - held_out) % keep])  # repeated to fill the source's share
+        validation.append(unique[keep:])
+    return Windows(torch.cat(train), torch.cat(validation), describe(mixture))
+
+
+def teacher_windows(options: Any, teacher: Any, teacher_id: dict[str, Any], accelerator: Any, windows: int,
+                    progress: bool) -> torch.LongTensor:
+    """`windows` training windows packed from teacher samples of `sample_len` tokens (each from the start token),
+    sampled across processes and cached in the user cache."""
+    from transmla.data.cache import cached_tokens
+    from transmla.data.sampling import sample_windows
+
+    docs = math.ceil(windows * options.seq_len / options.sample_len)
+    share = math.ceil(docs / accelerator.num_processes)
+    rank = accelerator.process_index
+    key = {"kind": "heal", "teacher": teacher_id, "docs": share,
+           "sample_len": options.sample_len, "seed": options.seed + 1000 * rank,
+           "temperature": options.sample_temperature, "top_p": SAMPLE_TOP_P}
+    mine = cached_tokens(key, lambda: sample_windows(
+        teacher, share, options.sample_len, SAMPLE_BATCH, options.seed + 1000 * rank, options.sample_temperature,
+        SAMPLE_TOP_P, progress=progress and accelerator.is_local_main_process, desc="sampling text from the teacher"))
+    return pack(accelerator.gather(mine.to(accelerator.device)).cpu()[:docs].reshape(-1), options.seq_len)
+
+
+def pack(stream: torch.LongTensor, seq_len: int) -> torch.LongTensor:
+    """Consecutive windows [N, seq_len] of a token stream (the tail dropped)."""
+    count = stream.numel() // seq_len
+    return stream[: count * seq_len].view(count, seq_len).clone()

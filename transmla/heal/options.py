@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from transmla.data.mixture import TextSource, parse_sources
 from transmla.errors import TransMLAError
 from transmla.io.converted import is_converted, parse_dtype
 
@@ -17,9 +18,10 @@ class HealOptions:
     """Settings of one healing run."""
 
     tokens: int
-    text_file: str | None = None
-    dataset: str | None = None
-    self_distill: bool = False
+    data: tuple[str, ...] = ()  # self (sampled from the teacher), file:PATH, dataset:NAME, each [@WEIGHT]; none: self
+    sample_len: int = 512  # tokens per teacher sample (samples are packed into training windows)
+    sampled_tokens: int = 1_000_000  # unique teacher tokens at most; a longer run repeats them (measured: README)
+    sample_temperature: float = 1.0
     teacher: str | None = None  # None: the converted folder's `source_model`
     train: str = "attention"  # attention | latent (kv_a_proj, kv_b_proj) | all
     seq_len: int = 2048
@@ -48,12 +50,16 @@ class HealOptions:
 
     def settings(self, folder: Path, teacher: str, processes: int) -> dict[str, Any]:
         """What a resumed run must share with the interrupted one."""
-        keep = ("tokens", "dataset", "self_distill", "train", "seq_len", "batch_size", "grad_accum", "lr", "warmup",
-                "weight_decay", "max_grad_norm", "temperature", "kl_weight", "ce_weight", "val_fraction",
-                "max_val_windows", "seed")
-        text = str(Path(self.text_file).expanduser().absolute()) if self.text_file else None
-        return {"folder": str(folder), "teacher": teacher, "text_file": text, "processes": processes,
+        keep = ("tokens", "sample_len", "sampled_tokens", "sample_temperature", "train", "seq_len", "batch_size",
+                "grad_accum", "lr", "warmup", "weight_decay", "max_grad_norm", "temperature", "kl_weight", "ce_weight",
+                "val_fraction", "max_val_windows", "seed")
+        data = [str(Path(s.value).expanduser().absolute()) if s.kind == "file" else s.label for s in self.sources()]
+        return {"folder": str(folder), "teacher": teacher, "data": data, "processes": processes,
                 **{k: getattr(self, k) for k in keep}}
+
+    def sources(self) -> list[TextSource]:
+        """The training-text mixture (text sampled from the teacher when none is named)."""
+        return parse_sources(self.data, "--data")
 
 
 @dataclass
@@ -89,11 +95,12 @@ def check_options(folder: Path, out: Path, options: HealOptions) -> None:
         raise TransMLAError(f"{folder} does not exist; give the folder written by `transmla convert`")
     if not folder.is_dir() or not is_converted(folder):
         raise TransMLAError(f"{folder} is not a converted checkpoint (no config.json with model_type 'transmla'); run `transmla convert` first")
-    sources = [options.text_file is not None, options.dataset is not None, options.self_distill]
-    if sum(sources) != 1:
-        raise TransMLAError("give exactly one source of training text: --text-file, --dataset or --self-distill")
-    if options.text_file is not None and not Path(options.text_file).expanduser().is_file():
-        raise TransMLAError(f"text file not found: {options.text_file}; pass the path of an existing UTF-8 text file")
+    options.sources()
+    for name in ("sample_len", "sampled_tokens"):
+        if getattr(options, name) < 2:
+            raise TransMLAError(f"--{name.replace('_', '-')} must be at least 2, got {getattr(options, name)}")
+    if options.sample_temperature <= 0:
+        raise TransMLAError(f"--sample-temperature must be positive, got {options.sample_temperature}")
     if options.train not in TRAIN_CHOICES:
         raise TransMLAError(f"--train {options.train!r} is not one of {', '.join(TRAIN_CHOICES)}")
     if options.tokens < 1:

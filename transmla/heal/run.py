@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 
-from transmla.data.sampling import sample_windows
 from transmla.errors import TransMLAError
 from transmla.io.converted import config_dtype, copy_modeling_files, parse_dtype, read_record, write_record
 from transmla.io.output_dir import atomic_output_dir, check_writable
-from transmla.io.source import load_model, load_tokenizer, require_tokenizer
+from transmla.io.source import fingerprint, load_model, load_tokenizer, require_tokenizer, resolve
 
 from .checkpoint import TrainState, check_work_dir, checkpoints, default_work_dir, start_work_dir
-from .data import Windows, split_windows, text_stream, val_window_count
+from .data import build_windows
 from .loop import TrainingLoop, mean_nll
 from .options import HealOptions, HealResult, check_options
 
@@ -85,27 +84,6 @@ def select_trainable(model: torch.nn.Module, train: str) -> int:
         param.requires_grad_(wanted(name))
         count += param.numel() if param.requires_grad else 0
     return count
-
-
-def build_windows(options: HealOptions, tokenizer: Any, teacher: Any, accelerator: Any, work: Path, resuming: bool, progress: bool) -> Windows:
-    """Training and validation windows from the text source, or sampled from the teacher (cached in the work folder)."""
-    n_val = val_window_count(options.tokens, options.seq_len, options.val_fraction, options.max_val_windows)
-    if not options.self_distill:
-        budget = (math.ceil(options.tokens / options.seq_len) + n_val) * options.seq_len
-        stream, source = text_stream(tokenizer, options.text_file, options.dataset, budget)
-        return split_windows(stream, options.seq_len, options.val_fraction, options.max_val_windows, source)
-    cache = work / "self_distill.pt"
-    if resuming and cache.is_file():
-        windows = torch.load(cache)
-    else:
-        count = math.ceil(options.tokens / options.seq_len) + n_val
-        share = math.ceil(count / accelerator.num_processes)
-        mine = sample_windows(teacher, tokenizer, share, options.seq_len, max(options.batch_size, 8),
-                              options.seed + 1000 * accelerator.process_index, progress=progress and accelerator.is_local_main_process)
-        windows = accelerator.gather(mine.to(accelerator.device)).cpu()[:count]
-        if accelerator.is_main_process:
-            torch.save(windows, cache)
-    return Windows(windows[: len(windows) - n_val].clone(), windows[len(windows) - n_val :].clone(), "sampled from the teacher")
 
 
 def save_healed(accelerator: Any, model: Any, tokenizer: Any, folder: Path, out: Path, info: dict[str, Any],
@@ -175,7 +153,7 @@ def _run(folder: Path, out: Path, options: HealOptions, accelerator: Any, spec: 
         student = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
         teacher, teacher_tokenizer = load_teacher(spec, accelerator.device, student.config.vocab_size)
         tokenizer = require_tokenizer(load_tokenizer(folder, trust_remote_code=True) or teacher_tokenizer, folder, "healing")
-    windows = build_windows(options, tokenizer, teacher, accelerator, work, options.resume, progress)
+    windows = build_windows(options, tokenizer, teacher, fingerprint(*resolve(spec)), accelerator, progress)
     trainable = select_trainable(student, options.train)
     if options.gradient_checkpointing:
         enable = getattr(student, "activation_checkpointing_enable", None)

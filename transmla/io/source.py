@@ -62,6 +62,24 @@ class Source:
         """The tokenizer, or one clear error naming what needed it."""
         return require_tokenizer(self.load_tokenizer(), self.folder, purpose)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies these weights on disk (see `fingerprint`)."""
+        return fingerprint(self.folder, self.gguf_file)
+
+    def load_model(self, dtype: torch.dtype, device: str | torch.device):
+        """The source as a transformers model (for sampling text from it): the GGUF model already in memory, or
+        the folder's weights."""
+        import copy
+
+        from transformers import AutoModelForCausalLM
+
+        stored = self.extra.get("model")
+        if stored is None:
+            model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype)
+        else:  # its tensors are the ones being converted: cast a copy
+            model = copy.deepcopy(stored)
+        return model.to(device=device, dtype=dtype).eval()
+
     def load_generation_config(self):
         from transformers import GenerationConfig
 
@@ -71,6 +89,14 @@ class Source:
             except (OSError, ValueError, TypeError):
                 pass
         return GenerationConfig.from_model_config(self.config)  # a GGUF file holds none of its own
+
+
+def fingerprint(folder: Path, gguf_file: str | None = None) -> dict[str, Any]:
+    """What identifies a model's weights on disk (file names, sizes, modification times), for caches of data
+    derived from them."""
+    folder = Path(folder)
+    files = [folder / gguf_file] if gguf_file else sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json"))
+    return {"source": str(folder.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
 
 
 def load_tokenizer(folder: Path, gguf_file: str | None = None, trust_remote_code: bool = False):
@@ -152,7 +178,7 @@ def open_source(spec: str) -> Source:
             raise TransMLAError("reading GGUF files needs the gguf package: pip install gguf") from exc
         check_architecture(model.config)
         state = {k: v.detach() for k, v in model.state_dict().items()}
-        return Source(spec, model.config, StateDictSource(state, name=str(folder / gguf)), folder, gguf)
+        return Source(spec, model.config, StateDictSource(state, name=str(folder / gguf)), folder, gguf, {"model": model})
     config = AutoConfig.from_pretrained(folder)
     check_architecture(config)
     return Source(spec, config, SafetensorsSource(folder), folder)

@@ -1,0 +1,276 @@
+"""Generalisation benchmark: converted (and healed) SmolLM2-135M on four domains that no calibration, healing or
+setting choice saw.
+
+Every row is a budget (share of the source's KV cache at D = 64) x a method x a calibration source, training-free
+or healed; every row is evaluated on the test text of each domain (the table) and on its dev text (for choosing
+settings). Domains and their provenance: `benchmarks/domains.py`. Baselines are our implementations of the
+published training-free recipes (TransMLA: RoRoPE + freqfold 2 + balanced-KV PCA; MHA2MLA: 2-norm partial RoPE +
+joint SVD of the weights), calibrated on WikiText-2 as published.
+
+    python benchmarks/generalize.py --device cuda --out benchmarks/results/generalize
+    python benchmarks/generalize.py --rows whiten-self --budgets 0.5 --out /tmp/g     # one row
+
+Writes generalize.json (rows, appended as they finish; reruns skip rows already there), generalize.md and
+generalize.png under --out; `--render-only` redraws the last two from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import domains  # noqa: E402
+from transmla.convert import ConvertOptions, convert  # noqa: E402
+from transmla.convert.geometry import Geometry  # noqa: E402
+from transmla.convert.pipeline import convert_in_memory  # noqa: E402
+from transmla.convert.recipe import LayerSettings  # noqa: E402
+from transmla.data.text import load_text, token_windows  # noqa: E402
+from transmla.evaluate import perplexity  # noqa: E402
+from transmla.heal import HealOptions, heal  # noqa: E402
+from transmla.heal.data import parse_tokens  # noqa: E402
+from transmla.io.source import load_model, open_source  # noqa: E402
+
+BUDGETS = (1.0, 0.75, 0.5, 0.25)
+ROPE_DIM = 64
+WIKI_CALIB = f"file:{domains.SHARED / 'wikitext2-valid-tokenized.txt'}"
+
+
+@dataclass
+class Row:
+    """A row family: convert options (every field not given is the tool's default), recipe overrides, healing."""
+
+    label: str
+    options: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    heal: dict[str, Any] | None = None  # HealOptions fields; None: training-free
+    ablation: bool = False  # in the table, not the plot
+
+
+ROWS = {
+    "whiten-self": Row("ours, no data (default): whiten on self-sampled text"),
+    "whiten-mix": Row("ours: whiten on self + WikiText-2", {"calib_sources": ("self", WIKI_CALIB)}),
+    "whiten-wiki": Row("ours: whiten on WikiText-2", {"calib_sources": (WIKI_CALIB,)}),
+    "transmla-wiki": Row("TransMLA (ours) on WikiText-2", {"method": "pca", "freqfold": 2, "calib_sources": (WIKI_CALIB,)},
+                         {"shrink": False}),
+    "mha2mla-wiki": Row("MHA2MLA (ours) on WikiText-2", {"method": "svd", "rope_select": "norm"},
+                        {"latent_key_scale": 1.0, "shrink": False}),
+    "svd": Row("weights only (svd)", {"method": "svd"}, ablation=True),
+    "whiten-self-loss": Row("whiten, self, ranks by whitened loss", {"rank_allocation": "loss"}, ablation=True),
+    "whiten-self-energy": Row("whiten, self, ranks by energy", {"rank_allocation": "energy"}, ablation=True),
+    "whiten-self-n16": Row("whiten, self, 16 calibration samples", {"calib_samples": 16}, ablation=True),
+    "whiten-self-n32": Row("whiten, self, 32 calibration samples", {"calib_samples": 32}, ablation=True),
+    "whiten-self-n64": Row("whiten, self, 64 calibration samples", {"calib_samples": 64}, ablation=True),
+    "whiten-wiki-n64": Row("whiten, WikiText-2, 64 calibration samples", {"calib_sources": (WIKI_CALIB,), "calib_samples": 64},
+                           ablation=True),
+    "whiten-self-t2048": Row("whiten, self, 16 x 2048 calibration tokens", {"calib_samples": 16, "calib_seq_len": 2048},
+                             ablation=True),
+    "whiten-self-sw10": Row("whiten, self, score weight 10", {"score_weight": 10.0}, ablation=True),
+    "whiten-self-sw100": Row("whiten, self, score weight 100", {"score_weight": 100.0}, ablation=True),
+    "heal-self-1M": Row("healed 1M on teacher text (default)", heal={"tokens": "1M"}),
+    "heal-self-4M": Row("healed 4M on teacher text (default)", heal={"tokens": "4M"}),
+    "heal-wiki-4M": Row("healed 4M on WikiText-2", heal={"tokens": "4M", "data": (WIKI_CALIB,)}, ablation=True),
+    "heal-mix-4M": Row("healed 4M on teacher text + WikiText-2", heal={"tokens": "4M", "data": ("self", WIKI_CALIB)},
+                       ablation=True),
+    "heal-wiki-1M": Row("healed 1M on WikiText-2", heal={"tokens": "1M", "data": (WIKI_CALIB,)}, ablation=True),
+    "heal-self-1M-lr1e-3": Row("healed 1M on teacher text, lr 1e-3", heal={"tokens": "1M", "lr": 1e-3}, ablation=True),
+}
+HEAL_DEFAULTS = {"batch_size": 8, "seq_len": 2048, "checkpoint_every": 0, "overwrite": True, "gradient_checkpointing": False}
+
+
+def texts(tokenizer: Any, max_windows: int) -> dict[str, torch.Tensor]:
+    """`domain/split` -> the first windows of 2048 tokens of that text."""
+    return {f"{d}/{s}": token_windows(tokenizer, load_text(text_file=domains.path(d, s)), 2048, max_windows)
+            for d in domains.DOMAINS for s in ("test", "dev")}
+
+
+def evaluate(model: Any, windows: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, float]:
+    model = model.to(args.device, getattr(torch, args.eval_dtype)).eval()
+    return {key: perplexity(model, w, progress=False).perplexity for key, w in windows.items()}
+
+
+def options_for(row: Row, budget: float, geo: Geometry, args: argparse.Namespace) -> ConvertOptions:
+    opts = {"dtype": "float32", "device": args.device, "rope_dim": args.rope_dim,
+            "kv_lora_rank": int(budget * geo.kv_values) - args.rope_dim, **row.options}
+    return ConvertOptions(**opts)
+
+
+def training_free(source: Any, row: Row, budget: float, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    geo = Geometry.of(source.config)
+    options = options_for(row, budget, geo, args).resolved(geo)
+    settings = LayerSettings.of(options, **row.settings)
+    ids = None
+    if options.method == "svd" and row.options.get("rope_select") == "norm":  # MHA2MLA: norms of activations
+        from transmla.convert.calibration_data import calibration_ids
+
+        ids = calibration_ids(source, replace(options, calib_sources=(WIKI_CALIB,)))
+    began = time.perf_counter()
+    model, sizes = convert_in_memory(source, options, settings, ids)
+    record = {"convert_s": time.perf_counter() - began, "ranks": sizes.ranks,
+              "calibration": {"sources": list(options.calib_sources) or ["self"], "samples": options.calib_samples}}
+    return model, record
+
+
+def healed(row: Row, budget: float, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The default conversion at `budget` (made once per budget), healed as the row says."""
+    source = open_source(args.model)
+    geo = Geometry.of(source.config)
+    base = args.work / f"converted-{budget:g}"
+    if not (base / "config.json").is_file():
+        convert(args.model, base, replace(options_for(Row(""), budget, geo, args), overwrite=True), progress=False)
+    spec = {**HEAL_DEFAULTS, **row.heal}
+    spec["tokens"] = max(1, int(parse_tokens(spec["tokens"]) * args.heal_scale))
+    out = args.work / "healed"
+    began = time.perf_counter()
+    result = heal(base, out, HealOptions(**spec), progress=args.progress)
+    wall = time.perf_counter() - began
+    model, _ = load_model(str(out), device=args.device)
+    shutil.rmtree(out, ignore_errors=True)
+    ranks = json.loads((base / "config.json").read_text())["kv_lora_rank"]
+    record = {"ranks": ranks, "heal_s": wall, "train_s": result.seconds, "tokens": result.tokens, "steps": result.steps,
+              "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "data": result.data,
+              "lr": spec.get("lr", HealOptions.lr), "history": result.history}
+    return model, record
+
+
+def summary(row: dict[str, Any], base: dict[str, Any]) -> None:
+    """Ratios to the original per domain and split, their mean and worst."""
+    for split in ("test", "dev"):
+        ratios = {d: row["ppl"][f"{d}/{split}"] / base["ppl"][f"{d}/{split}"] for d in domains.DOMAINS}
+        row[f"ratio_{split}"] = ratios
+        row[f"worst_{split}"] = max(ratios.values())
+        row[f"mean_{split}"] = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+
+
+def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    base = next(r for r in rows if r["row"] == "original")
+    order = ["original", *ROWS]
+    rows = sorted(rows, key=lambda r: (order.index(r["row"]), -r["budget"]))
+    heads = " | ".join(domains.LABELS[d] for d in domains.DOMAINS)
+    lines = [
+        f"# Generalisation: {args.model_name or args.model}",
+        "",
+        f"Perplexity ratio to the original on the first {args.max_windows} windows of 2048 tokens of each domain's "
+        f"test text ({base['eval_dtype']}, {base['device']}); `worst` is the largest ratio over the domains, `mean` their geometric "
+        f"mean, `dev worst` the same on the dev texts (used to choose settings). D = {args.rope_dim}.",
+        "",
+        f"| row | KV kept | R | {heads} | mean | worst | dev worst | seconds |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in domains.DOMAINS) + " | --- | --- | --- | --- |",
+    ]
+    lines.append(f"| original | 100% | - | " + " | ".join(f"{base['ppl'][f'{d}/test']:.2f}" for d in domains.DOMAINS)
+                 + " | (perplexity) | | | |")
+    for r in rows[1:]:
+        ranks = r["ranks"]
+        rank = str(ranks[0]) if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
+        seconds = r.get("heal_s", r.get("convert_s", 0))
+        cells = " | ".join(f"{r['ratio_test'][d]:.3f}" for d in domains.DOMAINS)
+        lines.append(f"| {ROWS[r['row']].label} | {r['budget']:.0%} | {rank} | {cells} | {r['mean_test']:.3f} | "
+                     f"**{r['worst_test']:.3f}** | {r['worst_dev']:.3f} | {seconds:.0f} |")
+    command = f"python benchmarks/generalize.py --device {args.device} --max-windows {args.max_windows} --out {args.out}"
+    if args.model != "smollm2-135m":
+        command += f" --model {args.model}"
+    lines += ["", f"Command: `{command}` (seconds: conversion, or the whole `heal()` call for healed rows; "
+              "`--rows` / `--budgets` select rows, `--render-only` redraws this page and the plot).", ""]
+    (args.out / "generalize.md").write_text("\n".join(lines))
+    plot(rows, args.out / "generalize.png")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, row in ROWS.items():
+        if row.ablation:
+            continue
+        pts = sorted((r["budget"], r["worst_test"]) for r in rows if r["row"] == name)
+        if pts:
+            ax.plot([100 * b for b, _ in pts], [w for _, w in pts], marker="o", label=row.label,
+                    linestyle="--" if row.heal else "-")
+    ax.axhline(1.0, color="k", linewidth=1)
+    ax.set(xlabel="KV cache kept (%)", ylabel="worst-domain perplexity ratio (log)", yscale="log",
+           title="perplexity / original, worst of 4 domains (test texts)")
+    ax.set_ylim(0.95, 200)  # MHA2MLA (training-free) lies above
+    ax.invert_xaxis()
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model-name", help="how the report names the model [default: --model]")
+    parser.add_argument("--max-windows", type=int, default=4)
+    parser.add_argument("--rope-dim", type=int, default=ROPE_DIM, help="width D of the shared rotary key")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    parser.add_argument("--heal-budgets", nargs="+", type=float, default=[0.5, 0.25])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, help="scratch folder for checkpoints of healed rows [default: OUT/work]")
+    parser.add_argument("--heal-scale", type=float, default=1.0, help="scale every healing token budget (smoke tests)")
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work = args.work or args.out / "work"
+    store = args.out / "generalize.json"
+    rows: list[dict[str, Any]] = json.loads(store.read_text()) if store.is_file() else []
+    if args.render_only:
+        return write_report(rows, args)
+    source = open_source(args.model)
+    windows = texts(source.require_tokenizer("evaluation"), args.max_windows)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+
+    def save() -> None:
+        store.write_text(json.dumps(rows, indent=1) + "\n")
+        write_report(rows, args)
+
+    if not any(r["row"] == "original" for r in rows):
+        model = source.load_model(torch.float32, args.device)
+        rows.append({"row": "original", "budget": 1.0, "device": device_name, "eval_dtype": args.eval_dtype,
+                     "ppl": evaluate(model, windows, args)})
+        del model
+        save()
+    base = next(r for r in rows if r["row"] == "original")
+    for name in args.rows:
+        row = ROWS[name]
+        for budget in args.heal_budgets if row.heal else args.budgets:
+            if any(r["row"] == name and math.isclose(r["budget"], budget) for r in rows):
+                continue
+            began = time.perf_counter()
+            model, record = healed(row, budget, args) if row.heal else training_free(source, row, budget, args)
+            result = {"row": name, "budget": budget, "device": device_name, **record,
+                      "ppl": evaluate(model, windows, args)}
+            summary(result, base)
+            rows.append(result)
+            print(f"{name} {budget:.0%}: worst {result['worst_test']:.3f} mean {result['mean_test']:.3f} "
+                  f"(dev worst {result['worst_dev']:.3f}) {time.perf_counter() - began:.0f} s", flush=True)
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            save()
+    shutil.rmtree(args.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
