@@ -197,11 +197,12 @@ class LayerwiseRunner:
         for _, x in self.chunks(layer, self.refit_samples):
             _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin, self.mask)
             probs, latent = module.attention_weights(x, self.positions.expand(x.shape[0], -1), self.mask)
-            cbar = (probs @ latent[:, None]).double()  # [B, H, T, R]
-            cbar = torch.cat([cbar, torch.ones_like(cbar[..., :1])], dim=-1)
-            target = out.view(*out.shape[:2], heads, d).transpose(1, 2).double()  # [B, H, T, d]
-            gram.index_add_(0, gh, torch.einsum("h,bhtr,bhts->hrs", w, cbar, cbar))
-            cross.index_add_(0, gh, torch.einsum("h,bhtd,bhtr->hdr", w, target, cbar))
+            cbar = probs @ latent[:, None]  # [B, H, T, R]
+            cbar = torch.cat([cbar, torch.ones_like(cbar[..., :1])], dim=-1).transpose(0, 1).flatten(1, 2)  # [H, BT, R+1]
+            target = out.view(-1, heads, d).transpose(0, 1)  # [H, BT, d]
+            # per-head sums as float32 products, weighted and summed over a group's heads in float64
+            gram.index_add_(0, gh, w[:, None, None] * (cbar.transpose(1, 2) @ cbar).double())
+            cross.index_add_(0, gh, w[:, None, None] * (target.transpose(1, 2) @ cbar).double())
         reg = rel * gram.diagonal(dim1=1, dim2=2)[:, :-1].mean(-1)
         eye = torch.eye(rank + 1, dtype=gram.dtype, device=gram.device)
         eye[-1, -1] = 0

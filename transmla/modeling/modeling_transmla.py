@@ -232,8 +232,8 @@ class TransMLAAttention(nn.Module):
         k_nope = self.kv_b_proj(latent).view(bsz, length, self.num_groups, 2 * self.head_dim)[..., : self.head_dim]
         grouped = q_nope.reshape(bsz, self.num_groups, -1, self.head_dim)  # heads of a group share its keys
         scores = (grouped @ k_nope.permute(0, 2, 3, 1)).view(bsz, self.num_heads, length, length)
-        scores = scores + q_rope @ k_rope[:, None].transpose(-1, -2)
-        return (scores * self.scaling + mask).softmax(-1), latent
+        scores.add_(q_rope @ k_rope[:, None].transpose(-1, -2))  # the rotary key is one, shared by all heads
+        return scores.mul_(self.scaling).add_(mask).softmax(-1), latent
 
     def _use_absorbed(self, q_len: int, kv_len: int) -> bool:
         if self.attention_form == "auto":
