@@ -85,6 +85,8 @@ ROWS = {
     "heal-mix-4M": Row("healed 4M on teacher text + WikiText-2", heal={"tokens": "4M", "data": ("self", WIKI_CALIB)},
                        ablation=True),
     "heal-wiki-1M": Row("healed 1M on WikiText-2", heal={"tokens": "1M", "data": (WIKI_CALIB,)}, ablation=True),
+    "heal-self-4M-all": Row("healed 4M on teacher text, every weight trained", heal={"tokens": "4M", "train": "all"},
+                            ablation=True),
     "heal-self-1M-lr1e-3": Row("healed 1M on teacher text, lr 1e-3", heal={"tokens": "1M", "lr": 1e-3}, ablation=True),
 }
 HEAL_DEFAULTS = {"batch_size": 8, "seq_len": 2048, "checkpoint_every": 0, "overwrite": True, "gradient_checkpointing": False}

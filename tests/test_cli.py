@@ -23,8 +23,8 @@ def source(tmp_path_factory):
     return root
 
 
-def run(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
+def run(*args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
 
 
 def assert_one_line_error(result, fragment: str) -> None:
@@ -39,6 +39,14 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("convert", "inspect", "eval"):
         assert command in result.output
+
+
+def test_convert_help_states_the_defaults_that_depend_on_the_source():
+    result = run("convert", "--help", env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for fragment in ("default: half the source's KV cache", "default: 64, or all key dims", "default: 64 on a GPU, 16 on a CPU"):
+        assert fragment in text
 
 
 def test_convert_then_eval_with_compare(source, tmp_path):

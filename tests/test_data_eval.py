@@ -161,3 +161,21 @@ def test_load_text(tmp_path):
         load_text(text_file=tmp_path / "missing.txt")
     with pytest.raises(TransMLAError, match="wikitext2"):
         load_text(dataset="penn-treebank")
+
+
+def test_load_text_from_any_hub_dataset_with_a_text_column(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(repo, config=None, split=None, streaming=False):
+        calls.append((repo, config, split))
+        rows = {"owner/chat": [{"text": "hello"}, {"text": "there"}], "owner/pairs": [{"prompt": "a", "answer": "b"}]}
+        return iter(rows[repo])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_text(dataset="owner/chat", split="validation") == "hello\n\nthere"
+    assert load_text(dataset="owner/chat:default:train") == "hello\n\nthere"
+    assert calls == [("owner/chat", None, "validation"), ("owner/chat", "default", "train")]
+    with pytest.raises(TransMLAError, match="no 'text' column .*prompt, answer"):
+        load_text(dataset="owner/pairs")

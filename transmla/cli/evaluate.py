@@ -18,7 +18,7 @@ from .app import app, console, friendly_errors, resolve_device
 def inspect(
     model: str = typer.Argument(..., help="Source model or converted folder."),
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Latent width R of a planned conversion."),
-    rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the shared RoPE key of a planned conversion [default: 64, or all key dims if fewer]."),
+    rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the shared RoPE key of a planned conversion (default: 64, or all key dims if fewer)."),
     bytes_per_value: int = typer.Option(2, "--bytes-per-value", help="Cache element size (2 for bf16/fp16)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:

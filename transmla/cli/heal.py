@@ -22,7 +22,7 @@ def heal(
     tokens: str = typer.Option(..., "--tokens", "-n", help="Training tokens, e.g. 2M or 500k."),
     data: list[str] = typer.Option([], "--data", help="Training text, repeatable: self (sampled from the teacher: the default, no data needed), file:PATH or dataset:NAME, each optionally @WEIGHT (e.g. --data self@3 --data file:chat.txt)."),
     text_file: list[Path] = typer.Option([], "--text-file", help="Train on this UTF-8 text file; repeatable; the same as --data file:PATH."),
-    dataset: list[str] = typer.Option([], "--dataset", help="Train on a hub dataset: wikitext2, c4 or owner/name[:config] (text column); repeatable."),
+    dataset: list[str] = typer.Option([], "--dataset", help="Train on a hub dataset: wikitext2, c4 or owner/name[:config[:split]] (text column); repeatable."),
     self_distill: bool = typer.Option(False, "--self-distill", help="Add text sampled from the teacher to the mixture (the default when no text is given)."),
     sample_len: int = typer.Option(default("sample_len"), "--sample-len", help="Tokens per teacher sample (packed into training windows)."),
     sampled_tokens: str = typer.Option(str(default("sampled_tokens")), "--sampled-tokens", help="Unique teacher tokens at most, e.g. 1M; a longer run repeats them."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -14,7 +15,8 @@ C4_CHARS = 2_000_000  # characters of C4 to stream: a few hundred 2048-token win
 
 
 def load_text(text_file: Path | str | None = None, dataset: str | None = None, split: str = "test") -> str:
-    """Text from a local UTF-8 file, or from a named hub dataset (`wikitext2`, `c4`)."""
+    """Text from a local UTF-8 file, or from a hub dataset: `wikitext2`, `c4`, or `owner/name[:config[:split]]`
+    (its `text` column; the split named there replaces `split`)."""
     if (text_file is None) == (dataset is None):
         raise TransMLAError("give exactly one text source: a text file (--text-file) or a dataset name (--dataset)")
     if text_file is not None:
@@ -27,15 +29,18 @@ def load_text(text_file: Path | str | None = None, dataset: str | None = None, s
             raise TransMLAError(f"text file {path} is not UTF-8 ({err}); convert it to UTF-8") from err
 
     name = dataset.lower()
-    if name not in KNOWN_DATASETS:
-        raise TransMLAError(f"unknown dataset {dataset!r}; known: {', '.join(KNOWN_DATASETS)}, or pass --text-file")
+    if name not in KNOWN_DATASETS and "/" not in dataset:
+        raise TransMLAError(f"unknown dataset {dataset!r}; known: {', '.join(KNOWN_DATASETS)} or owner/name[:config[:split]], "
+                            "or pass --text-file")
     try:
         from datasets import load_dataset
 
         if name == "wikitext2":
             rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
             return "\n\n".join(rows["text"])
-        return _load_c4(load_dataset, split)
+        if name == "c4":
+            return _load_c4(load_dataset, split)
+        return _load_hub_text(load_dataset, dataset, split)
     except TransMLAError:
         raise
     except Exception as err:  # network, hub or cache failures
@@ -43,6 +48,33 @@ def load_text(text_file: Path | str | None = None, dataset: str | None = None, s
             f"could not load dataset {dataset!r} (split {split!r}): {type(err).__name__}: {err}; "
             "for offline use pass a local file with --text-file"
         ) from err
+
+
+def _load_hub_text(load_dataset: Any, spec: str, split: str) -> str:
+    """About C4_CHARS characters of the `text` column of a hub dataset `owner/name[:config[:split]]`."""
+    texts = list(hub_documents(spec, split, C4_CHARS, load_dataset))
+    if not texts:
+        raise TransMLAError(f"dataset {spec!r} has no text in split {split!r}; name another as owner/name:config:split")
+    return "\n\n".join(texts)
+
+
+def hub_documents(spec: str, split: str, max_chars: int, load_dataset: Any = None, column: str = "text") -> Iterator[str]:
+    """Stream the non-empty `column` documents of a hub dataset `owner/name[:config[:split]]` (the split named
+    there replaces `split`) until about `max_chars` characters."""
+    if load_dataset is None:
+        from datasets import load_dataset
+    repo, config, named_split = (spec.split(":") + ["", ""])[:3]
+    seen = 0
+    for row in load_dataset(repo, config or None, split=named_split or split, streaming=True):
+        if column not in row:
+            raise TransMLAError(f"dataset {repo!r} has no {column!r} column (it has: {', '.join(row)}); "
+                                "write the text to a file and pass --text-file")
+        text = row[column]
+        if text and text.strip():
+            yield text
+            seen += len(text)
+            if seen >= max_chars:
+                return
 
 
 def _load_c4(load_dataset: Any, split: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from transmla.data.text import load_text
+from transmla.data.text import hub_documents, load_text
 from transmla.errors import TransMLAError
 
 CHUNK_CHARS = 1 << 20  # text tokenised at a time, cut at paragraph breaks
@@ -78,23 +78,10 @@ def tokenize_documents(
     return stream[:max_tokens] if max_tokens is not None else stream
 
 
-def _hub_documents(name: str, max_chars: int, column: str = "text") -> Iterator[str]:
-    """Stream the train split of a hub dataset (`owner/name` or `owner/name:config`), about `max_chars` of it."""
+def _hub_documents(name: str, max_chars: int) -> Iterator[str]:
+    """Stream the train split (unless `name` names one) of a hub dataset, about `max_chars` of it."""
     try:
-        from datasets import load_dataset
-
-        repo, _, config = name.partition(":")
-        rows = load_dataset(repo, config or None, split="train", streaming=True)
-        seen = 0
-        for row in rows:
-            if column not in row:
-                raise TransMLAError(f"dataset {name!r} has no {column!r} column (columns: {', '.join(row)})")
-            text = row[column]
-            if text and text.strip():
-                yield text
-                seen += len(text)
-                if seen >= max_chars:
-                    return
+        yield from hub_documents(name, "train", max_chars)
     except TransMLAError:
         raise
     except Exception as err:  # network, hub or cache failures
@@ -114,7 +101,7 @@ def text_stream(tokenizer: Any, text_file: str | Path | None, dataset: str | Non
         return tokenize_documents(tokenizer, _paragraph_chunks(text), max_tokens), "wikitext2 (train)"
     repo = {"c4": "allenai/c4:en"}.get(name, dataset)
     if "/" not in repo:
-        raise TransMLAError(f"unknown dataset {dataset!r}; use wikitext2, c4, a hub id such as owner/name[:config], or --text-file")
+        raise TransMLAError(f"unknown dataset {dataset!r}; use wikitext2, c4, a hub id such as owner/name[:config[:split]], or --text-file")
     docs = _hub_documents(repo, max_tokens * CHARS_PER_TOKEN)
     return tokenize_documents(tokenizer, docs, max_tokens, separator=tokenizer.eos_token_id), f"dataset {repo} (train)"
 
