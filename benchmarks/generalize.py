@@ -171,7 +171,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"| row | KV kept | R | {heads} | mean | worst | dev worst | seconds |",
         "| --- | --- | --- | " + " | ".join("---" for _ in domains.DOMAINS) + " | --- | --- | --- | --- |",
     ]
-    lines.append(f"| original | 100% | - | " + " | ".join(f"{base['ppl'][f'{d}/test']:.2f}" for d in domains.DOMAINS)
+    lines.append("| original | 100% | - | " + " | ".join(f"{base['ppl'][f'{d}/test']:.2f}" for d in domains.DOMAINS)
                  + " | (perplexity) | | | |")
     for r in rows[1:]:
         ranks = r["ranks"]

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from transmla.convert.options import ConvertOptions, default
+from transmla.data.mixture import source_specs
 from transmla.errors import TransMLAError
 
 from .app import app, console, friendly_errors, resolve_device
@@ -80,12 +81,6 @@ def convert(
     console.print(f"wrote {run_convert(values['model'], values['out'], options)}")
 
 
-def calibration_sources(values: dict[str, Any]) -> tuple[str, ...]:
-    """--calib-source, --calib-file and --calib-dataset as one list of source specs."""
-    return (*values["calib_source"], *(f"file:{path}" for path in values["calib_file"]),
-            *(f"dataset:{name}" for name in values["calib_dataset"]))
-
-
 def convert_options(values: dict[str, Any]) -> ConvertOptions:
     """ConvertOptions from the command's (or the recipe's) values."""
     fold = str(values["freqfold"])
@@ -95,7 +90,7 @@ def convert_options(values: dict[str, Any]) -> ConvertOptions:
         kv_lora_rank=values["kv_lora_rank"], rope_dim=values["rope_dim"], method=values["method"],
         dtype=values["dtype"], device=resolve_device(values["device"]), rope_context=values["rope_context"],
         rope_per_frequency=values["rope_per_frequency"], max_shard_bytes=int(values["max_shard_size"] * 2**30),
-        overwrite=values["overwrite"], calib_sources=calibration_sources(values), calib_samples=values["calib_samples"],
+        overwrite=values["overwrite"], calib_sources=source_specs(values["calib_source"], values["calib_file"], values["calib_dataset"]), calib_samples=values["calib_samples"],
         calib_temperature=values["calib_temperature"],
         calib_seq_len=values["calib_seq_len"], calib_offload=values["calib_offload"],
         score_weight=float(values["score_weight"]), rope_select=values["rope_select"],

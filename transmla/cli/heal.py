@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from transmla.errors import TransMLAError
+from transmla.data.mixture import source_specs
 from transmla.heal.data import parse_tokens
 from transmla.heal.options import HealOptions, HealResult, default
 
@@ -51,7 +51,7 @@ def heal(
     from transmla.heal import heal as run_heal
 
     options = HealOptions(
-        tokens=parse_tokens(tokens), data=data_sources(data, text_file, dataset, self_distill),
+        tokens=parse_tokens(tokens), data=source_specs(data, text_file, dataset, self_distill),
         sample_len=sample_len, sampled_tokens=parse_tokens(sampled_tokens), sample_temperature=sample_temperature,
         teacher=teacher, train=train, seq_len=seq_len, batch_size=batch_size,
         grad_accum=grad_accum, lr=lr, warmup=warmup, temperature=temperature, kl_weight=kl_weight, ce_weight=ce_weight,
@@ -60,12 +60,6 @@ def heal(
         dtype=dtype, overwrite=overwrite,
     )
     print_heal_result(run_heal(folder, out, options))
-
-
-def data_sources(data: list[str], text_files: list[Path], datasets: list[str], self_distill: bool) -> tuple[str, ...]:
-    """--data, --text-file, --dataset and --self-distill as one list of source specs."""
-    return (*data, *(f"file:{path}" for path in text_files), *(f"dataset:{name}" for name in datasets),
-            *(["self"] if self_distill else []))
 
 
 def print_heal_result(result: HealResult) -> None:

@@ -7,13 +7,11 @@ import torch
 
 from transmla.data.cache import cached_tokens
 from transmla.data.mixture import TextSource, describe, shares
-from transmla.data.sampling import sample_windows
+from transmla.data.sampling import TOP_P, sample_windows
 from transmla.data.text import calibration_windows, load_text
 from transmla.io.source import Source
 
 from .options import ConvertOptions
-
-SAMPLE_TOP_P = 0.95  # nucleus sampling for the `self` source: the model's distribution without its long tail
 
 
 def calibration_ids(source: Source, options: ConvertOptions, progress: bool = False) -> torch.LongTensor:
@@ -50,7 +48,7 @@ def sampled_ids(source: Source, text_source: TextSource, count: int, options: Co
                 progress: bool = False) -> torch.LongTensor:
     """`count` windows sampled from the source model on `options.device` (cached in the user cache)."""
     key = {"kind": "calibration", "model": source.fingerprint(), "count": count, "seq_len": options.calib_seq_len,
-           "seed": options.calib_seed, "temperature": options.calib_temperature, "top_p": SAMPLE_TOP_P,
+           "seed": options.calib_seed, "temperature": options.calib_temperature, "top_p": TOP_P,
            "dtype": "bfloat16"}
 
     def make() -> torch.LongTensor:
@@ -59,7 +57,7 @@ def sampled_ids(source: Source, text_source: TextSource, count: int, options: Co
         model = source.load_model(torch.bfloat16, options.device)
         try:
             return sample_windows(model, count, options.calib_seq_len, 64 if on_gpu else 16, options.calib_seed,
-                                  options.calib_temperature, SAMPLE_TOP_P, progress=progress,
+                                  options.calib_temperature, TOP_P, progress=progress,
                                   desc="sampling calibration text")
         finally:
             del model

@@ -56,6 +56,12 @@ def parse_source(spec: str, flag: str = "--calib-source") -> TextSource:
     return source
 
 
+def source_specs(specs: list[str], files: list, datasets: list[str], self_too: bool = False) -> tuple[str, ...]:
+    """A command's `--*-source`/`--data` specs, its file and dataset flags (and `self`) as one list of specs."""
+    return (*specs, *(f"file:{path}" for path in files), *(f"dataset:{name}" for name in datasets),
+            *([SELF] if self_too else []))
+
+
 def parse_sources(specs: list[str] | tuple[str, ...], flag: str = "--calib-source") -> list[TextSource]:
     """The mixture the specs name (`self` alone when there are none); a source named twice is refused."""
     sources = [parse_source(s, flag) for s in specs] or [TextSource(SELF)]

@@ -21,6 +21,7 @@ def first_id(*ids: int | list[int] | None) -> int | None:
 
 
 NUCLEUS_CANDIDATES = 1024  # the top-p nucleus is taken among this many most likely tokens (no full sort)
+TOP_P = 0.95  # nucleus of sampled text: the model's distribution without its long tail
 
 
 def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -41,7 +42,7 @@ def sample_windows(
     batch_size: int,
     seed: int,
     temperature: float = 1.0,
-    top_p: float = 0.95,
+    top_p: float = TOP_P,
     start: int | None = None,
     progress: bool = False,
     desc: str = "sampling text",

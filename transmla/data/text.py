@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ def load_text(text_file: Path | str | None = None, dataset: str | None = None, s
             return "\n\n".join(rows["text"])
         if name == "c4":
             return _load_c4(load_dataset, split)
-        return _load_hub_text(load_dataset, dataset, split)
+        return _load_hub_text(dataset, split)
     except TransMLAError:
         raise
     except Exception as err:  # network, hub or cache failures
@@ -50,19 +50,19 @@ def load_text(text_file: Path | str | None = None, dataset: str | None = None, s
         ) from err
 
 
-def _load_hub_text(load_dataset: Any, spec: str, split: str) -> str:
+def _load_hub_text(spec: str, split: str) -> str:
     """About C4_CHARS characters of the `text` column of a hub dataset `owner/name[:config[:split]]`."""
-    texts = list(hub_documents(spec, split, C4_CHARS, load_dataset))
+    texts = list(hub_documents(spec, split, C4_CHARS))
     if not texts:
         raise TransMLAError(f"dataset {spec!r} has no text in split {split!r}; name another as owner/name:config:split")
     return "\n\n".join(texts)
 
 
-def hub_documents(spec: str, split: str, max_chars: int, load_dataset: Any = None, column: str = "text") -> Iterator[str]:
+def hub_documents(spec: str, split: str, max_chars: int, column: str = "text") -> Iterator[str]:
     """Stream the non-empty `column` documents of a hub dataset `owner/name[:config[:split]]` (the split named
     there replaces `split`) until about `max_chars` characters."""
-    if load_dataset is None:
-        from datasets import load_dataset
+    from datasets import load_dataset
+
     repo, config, named_split = (spec.split(":") + ["", ""])[:3]
     seen = 0
     for row in load_dataset(repo, config or None, split=named_split or split, streaming=True):

@@ -148,7 +148,6 @@ class WindowStream:
 
 
 SAMPLE_BATCH = 1024  # teacher samples generated at once
-SAMPLE_TOP_P = 0.95
 
 
 def build_windows(options: Any, tokenizer: Any, teacher: Any, teacher_id: dict[str, Any], accelerator: Any,
@@ -184,17 +183,17 @@ def teacher_windows(options: Any, teacher: Any, teacher_id: dict[str, Any], acce
     """`windows` training windows packed from teacher samples of `sample_len` tokens (each from the start token),
     sampled across processes and cached in the user cache."""
     from transmla.data.cache import cached_tokens
-    from transmla.data.sampling import sample_windows
+    from transmla.data.sampling import TOP_P, sample_windows
 
     docs = math.ceil(windows * options.seq_len / options.sample_len)
     share = math.ceil(docs / accelerator.num_processes)
     rank = accelerator.process_index
     key = {"kind": "heal", "teacher": teacher_id, "docs": share,
            "sample_len": options.sample_len, "seed": options.seed + 1000 * rank,
-           "temperature": options.sample_temperature, "top_p": SAMPLE_TOP_P}
+           "temperature": options.sample_temperature, "top_p": TOP_P}
     mine = cached_tokens(key, lambda: sample_windows(
         teacher, share, options.sample_len, SAMPLE_BATCH, options.seed + 1000 * rank, options.sample_temperature,
-        SAMPLE_TOP_P, progress=progress and accelerator.is_local_main_process, desc="sampling text from the teacher"))
+        TOP_P, progress=progress and accelerator.is_local_main_process, desc="sampling text from the teacher"))
     return pack(accelerator.gather(mine.to(accelerator.device)).cpu()[:docs].reshape(-1), options.seq_len)
 
 
