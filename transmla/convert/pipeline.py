@@ -33,8 +33,8 @@ from .stream import LayerStream
 
 
 # Measured with benchmarks/generalize.py (SmolLM2-135M, half the cache, worst of four domains; README).
-CPU_CALIBRATION_NOTE = ("note: on the CPU the calibration is {samples} x {seq_len} tokens sampled from the model ({full} on a GPU), "
-                        "to finish in minutes; on SmolLM2-135M at half the cache that cost 1.79x against 1.68x the "
+CPU_CALIBRATION_NOTE = ("note: on the CPU the calibration is {samples} x {seq_len} tokens ({full} on a GPU), to finish in "
+                        "minutes; on SmolLM2-135M (self-sampled, half the cache) that cost 1.79x against 1.68x the "
                         "original perplexity on the worst domain; --calib-samples {full} calibrates fully")
 
 

@@ -31,7 +31,7 @@ def load_text(text_file: Path | str | None = None, dataset: str | None = None, s
     name = dataset.lower()
     if name not in KNOWN_DATASETS and "/" not in dataset:
         raise TransMLAError(f"unknown dataset {dataset!r}; known: {', '.join(KNOWN_DATASETS)} or owner/name[:config[:split]], "
-                            "or pass --text-file")
+                            "or use a local text file (--text-file, --calib-file)")
     try:
         from datasets import load_dataset
 
@@ -46,7 +46,7 @@ def load_text(text_file: Path | str | None = None, dataset: str | None = None, s
     except Exception as err:  # network, hub or cache failures
         raise TransMLAError(
             f"could not load dataset {dataset!r} (split {split!r}): {type(err).__name__}: {err}; "
-            "for offline use pass a local file with --text-file"
+            "for offline use give a local text file instead (--text-file, --calib-file)"
         ) from err
 
 
@@ -68,7 +68,7 @@ def hub_documents(spec: str, split: str, max_chars: int, column: str = "text") -
     for row in load_dataset(repo, config or None, split=named_split or split, streaming=True):
         if column not in row:
             raise TransMLAError(f"dataset {repo!r} has no {column!r} column (it has: {', '.join(row)}); "
-                                "write the text to a file and pass --text-file")
+                                "write the text to a file and give that instead (--text-file, --calib-file)")
         text = row[column]
         if text and text.strip():
             yield text
