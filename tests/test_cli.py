@@ -174,3 +174,127 @@ def test_python_dash_m_runs_the_command_line():
 
     done = subprocess.run([sys.executable, "-m", "transmla", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "convert" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["-r", "0"], "--kv-lora-rank 0 is out of range: with --rope-dim 8 this model allows 1..56"),
+        (["-r", "-4"], "--kv-lora-rank -4 is out of range: with --rope-dim 8 this model allows 1..56"),
+        (["-d", "0"], "--rope-dim 0 must be even"),
+        (["--bytes-per-value", "0"], "--bytes-per-value 0 must be at least 1"),
+    ],
+)
+def test_inspect_bad_options(source, args, fragment):
+    assert_one_line_error(run("inspect", source / "src", "-d", "8", *args), fragment)
+
+
+def test_convert_refuses_a_zero_rank(source, tmp_path):
+    result = run("convert", source / "src", "--out", tmp_path / "mla", "--method", "svd", "-d", "8", "-r", "0")
+    assert_one_line_error(result, "--kv-lora-rank 0 is out of range: with --rope-dim 8 this model allows 1..56")
+    assert not (tmp_path / "mla").exists()
+
+
+@pytest.fixture(scope="module")
+def converted(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-converted") / "mla"
+    result = run("convert", source / "src", "--out", out, "-r", "24", "-d", "8", "--device", "cpu", "--method", "svd")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_inspect_of_a_converted_folder_refuses_planned_sizes(converted):
+    assert_one_line_error(run("inspect", converted, "-r", "8"), "is converted already and reports its own R and D")
+
+
+@pytest.mark.parametrize("fmt", ["ours", "gguf"])
+def test_export_format_names_what_export_writes(converted, tmp_path, fmt):
+    result = run("export", converted, "--out", tmp_path / "ds", "--format", fmt)
+    assert_one_line_error(result, f"export writes --format deepseek only, not {fmt!r}")
+    assert "what `transmla convert` writes" in result.output and "is not one of ours, deepseek" not in result.output
+    assert not (tmp_path / "ds").exists()
+
+
+def fail_on_model_load(monkeypatch) -> None:
+    import transmla.io.source
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the arguments should have been checked before any model was loaded")
+
+    monkeypatch.setattr(transmla.io.source, "load_model", fail)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--max-windows", "0"], "--max-windows 0 must be at least 1"),
+        (["--seq-len", "1"], "--seq-len 1 is too short"),
+        (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+        (["--dtype", "auto"], "--dtype 'auto' is not one of float32, bfloat16, float16"),
+        (["--compare", "nowhere"], "model 'nowhere' not found"),
+    ],
+)
+def test_eval_checks_its_arguments_before_loading_models(source, converted, monkeypatch, args, fragment):
+    fail_on_model_load(monkeypatch)
+    assert_one_line_error(run("eval", converted, "--text-file", source / "text.txt", "--device", "cpu", *args), fragment)
+
+
+def test_eval_of_an_empty_text_file_is_refused_before_loading(converted, tmp_path, monkeypatch):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    fail_on_model_load(monkeypatch)
+    assert_one_line_error(run("eval", converted, "--text-file", empty, "--device", "cpu"), "is empty")
+
+
+def test_eval_batch_size_has_help():
+    text = " ".join(run("eval", "--help", env={"COLUMNS": "300"}).output.split())
+    assert "--batch-size <int> Windows per forward pass" in text
+
+
+@pytest.mark.parametrize("command", ["eval", "heal", "convert"])
+def test_dataset_without_a_network_fails_fast_in_one_line(source, converted, tmp_path, monkeypatch, command):
+    import time
+
+    from datasets import config
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    args = {"eval": ["eval", converted, "--dataset", "wikitext2", "--device", "cpu"],
+            "heal": ["heal", converted, "--out", tmp_path / "out", "--tokens", "1k", "--dataset", "wikitext2"],
+            "convert": ["convert", source / "src", "--out", tmp_path / "out", "--calib-dataset", "wikitext2", "--device", "cpu"]}
+    start = time.monotonic()
+    result = run(*args[command])
+    lines = [line for line in result.output.strip().splitlines() if line.strip() and not line.startswith("note:")]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "dataset 'wikitext2' needs the Hugging Face hub (http://127.0.0.1:9), which can not be reached" in lines[0]
+    assert "--text-file" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0]
+    assert time.monotonic() - start < 10 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["convert", "heal", "export", "eval", "inspect"])
+def test_help_shows_no_type_after_flags(command):
+    text = run(command, "--help", env={"COLUMNS": "300"}).output
+    assert "<bool>" not in text
+    flag = {"convert": "--overwrite", "heal": "--resume", "export": "--rope-interleave", "eval": "--json", "inspect": "--json"}[command]
+    assert flag in text and "--help" in text
+
+
+def test_output_folders_of_the_docs_are_ignored_by_git():
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs a git checkout")
+    docs = (root / "README.md").read_text() + (root / "docs" / "serving.md").read_text()
+    names = {name for name in re.findall(r"--out ([^\s`)]+)", docs) if "/" not in name and not name.isupper()}
+    assert {"smollm2-mla", "smollm2-ds", "smollm2-healed", "llama3-mla"} <= names
+    for name in sorted(names | {"smollm2-mla-r64", ".smollm2-mla.tmp-123-abcd", "smollm2-mla.heal-work"}):
+        done = subprocess.run(["git", "check-ignore", "-q", f"{name}/model.safetensors"], cwd=root)
+        assert done.returncode == 0, f"{name}/ is not in .gitignore"

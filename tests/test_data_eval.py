@@ -174,6 +174,7 @@ def test_load_text_from_any_hub_dataset_with_a_text_column(monkeypatch):
         return iter(rows[repo])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr("transmla.data.text.hub_reachable", lambda endpoint: True)  # no network in tests
     assert load_text(dataset="owner/chat", split="validation") == "hello\n\nthere"
     assert load_text(dataset="owner/chat:default:train") == "hello\n\nthere"
     assert calls == [("owner/chat", None, "validation"), ("owner/chat", "default", "train")]

@@ -321,3 +321,189 @@ def test_writer_header_outgrowing_its_room(tmp_path):
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
     header_size = int.from_bytes(path.read_bytes()[:8], "little")
     assert header_size % 8 == 0 and header_size < 4096
+
+
+# -- broken checkpoints, for every command that reads one ---------------------------------------------------
+
+BROKEN_TENSOR = "model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def converted(source, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("robust-converted") / "mla"
+    result = run("convert", source, "--out", out, *ARGS)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def broken_copy(folder: Path, where: Path, damage: str) -> Path:
+    """A copy of `folder` with its config.json not JSON, its weights truncated, or one tensor missing."""
+    copy = where / f"{damage}-{folder.name}"
+    shutil.copytree(folder, copy)
+    if damage == "json":
+        (copy / "config.json").write_text('{"model_type": "llama",\n  "hidden_size": 64,,\n}')
+    elif damage == "truncate":
+        data = (copy / "model.safetensors").read_bytes()
+        (copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        rewrite_without(copy, BROKEN_TENSOR)
+    return copy
+
+
+def no_model_load(monkeypatch) -> None:
+    """Fail the test if transformers is asked to load a model's weights."""
+    from transformers import AutoModelForCausalLM
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the error should have been raised before any model was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fail)
+
+
+def command_on(name: str, folder: Path, source: Path, tmp_path: Path) -> list[object]:
+    text = tmp_path / "text.txt"
+    text.write_text("Latent attention caches a small latent per token. " * 100)
+    return {
+        "convert": ["convert", folder, "--out", tmp_path / "out", *ARGS],
+        "inspect": ["inspect", folder],
+        "eval": ["eval", folder, "--text-file", text, "--seq-len", "16", "--device", "cpu"],
+        "heal": ["heal", folder, "--out", tmp_path / "out", "--tokens", "1k", "--teacher", source],
+        "export": ["export", folder, "--out", tmp_path / "out", "--device", "cpu"],
+    }[name]
+
+
+@pytest.mark.parametrize("command, which", [("convert", "source"), ("inspect", "source"), ("eval", "source"),
+                                            ("inspect", "converted"), ("eval", "converted"), ("heal", "converted"),
+                                            ("export", "converted")])
+def test_config_that_is_not_json_is_one_line(source, converted, tmp_path, monkeypatch, command, which):
+    folder = broken_copy(source if which == "source" else converted, tmp_path, "json")
+    no_model_load(monkeypatch)
+    line = one_line_error(run(*command_on(command, folder, source, tmp_path)), f"{folder / 'config.json'} is not valid JSON")
+    assert "line 2, column 21" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, fragment", [("truncate", "model.safetensors: it is truncated"),
+                                              ("missing", f"tensor {BROKEN_TENSOR} is missing")])
+@pytest.mark.parametrize("command, which", [("eval", "source"), ("eval", "converted"), ("heal", "converted"),
+                                            ("export", "converted")])
+def test_broken_weights_are_refused_before_loading(source, converted, tmp_path, monkeypatch, command, which, damage, fragment):
+    folder = broken_copy(source if which == "source" else converted, tmp_path, damage)
+    no_model_load(monkeypatch)
+    one_line_error(run(*command_on(command, folder, source, tmp_path)), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_of_another_architecture_are_checked_for_damage_only(source, tmp_path, monkeypatch):
+    """Architectures that transmla does not convert may store other tensor names than their model's (transformers
+    renames them on loading): their files are checked to be readable, their names are left to transformers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from transmla.io.source import load_model
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=256, bos_token_id=1, eos_token_id=2)).save_pretrained(folder)
+    rewrite_without(folder, "transformer.h.0.ln_1.weight")
+    model, _ = load_model(str(folder), need_tokenizer=False)
+    assert model.config.model_type == "gpt2"
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    no_model_load(monkeypatch)
+    one_line_error(run(*command_on("eval", folder, source, tmp_path)), "model.safetensors: it is truncated")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "missing"])
+def test_broken_teacher_is_one_line(source, converted, tmp_path, damage):
+    teacher = broken_copy(source, tmp_path, damage)
+    result = run("heal", converted, "--out", tmp_path / "out", "--tokens", "1k", "--teacher", teacher)
+    lines = [line for line in result.output.strip().splitlines() if line.strip() and "Loading weights" not in line]
+    assert result.exit_code == 1 and len(lines) == 1 and f"could not load the teacher {str(teacher)!r}" in lines[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect", "eval"])
+def test_unknown_model_type_is_one_line(source, tmp_path, monkeypatch, command):
+    folder = tmp_path / "odd"
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model"}))
+    no_model_load(monkeypatch)
+    one_line_error(run(*command_on(command, folder, source, tmp_path)), "model type 'no-such-model', which transformers")
+
+
+@pytest.mark.parametrize("damage", ["not-gguf", "truncated"])
+@pytest.mark.parametrize("command", ["convert", "inspect", "eval"])
+def test_broken_gguf_file_is_one_line(source, tmp_path, command, damage):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"not a gguf file" if damage == "not-gguf" else b"GGUF\x03\x00\x00\x00" + b"\x00" * 20)
+    one_line_error(run(*command_on(command, gguf, source, tmp_path)), f"transformers can not read the model in {gguf}")
+
+
+@pytest.mark.parametrize("command", ["heal", "export"])
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_out_that_is_a_file_is_refused_before_any_work(source, converted, tmp_path, monkeypatch, command, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("precious")
+    no_model_load(monkeypatch)
+    args = command_on(command, converted, source, tmp_path)
+    args[args.index("--out") + 1] = blocker if where == "file" else blocker / "out"
+    one_line_error(run(*args, "--overwrite"), "is not a folder; choose another --out")
+    assert blocker.read_text() == "precious"
+
+
+# -- Ctrl-C at any point ------------------------------------------------------------------------------------
+
+# Runs the `transmla` entry point with a real SIGINT sent to itself when the module named by argv[1] is first
+# imported: torch (the start-up imports, before any command runs) or transmla.inspection (a command's own import).
+SIGINT_AT_IMPORT = """
+import os, signal, sys
+target = sys.argv.pop(1)
+
+class Trigger:
+    def find_spec(self, name, path=None, module=None):
+        if name == target:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Trigger())
+from transmla.__main__ import main
+main()
+"""
+
+
+@pytest.mark.parametrize("module", ["torch", "transmla.inspection"])
+def test_ctrl_c_during_imports_is_one_line(source, module):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", SIGINT_AT_IMPORT, module, "inspect", str(source)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "interrupted: nothing was written", done.stderr
+
+
+def test_error_after_a_swallowed_ctrl_c_is_reported_as_the_interrupt(source, monkeypatch):
+    """A library interrupted mid-import may swallow the KeyboardInterrupt and fail later with another error."""
+    import transmla.inspection
+
+    def half_imported(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        raise ImportError("cannot load module more than once per process")
+
+    monkeypatch.setattr(transmla.inspection, "inspect_model", half_imported)
+    result = run("inspect", source)
+    assert result.exit_code == 130
+    assert result.output.strip() == "interrupted: nothing was written"
+
+
+def test_console_script_is_the_interrupt_safe_entry_point():
+    import re
+
+    import transmla.__main__
+
+    scripts = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
+    assert re.findall(r'^transmla = "(.+)"$', scripts, flags=re.M) == ["transmla.__main__:main"]
+    assert callable(transmla.__main__.main)

@@ -1,4 +1,6 @@
-"""The one exception type that the command line turns into a one-line error."""
+"""The one exception type that the command line turns into a one-line error, and the line for an interrupt."""
+
+INTERRUPTED = "interrupted: nothing was written"
 
 
 class TransMLAError(Exception):

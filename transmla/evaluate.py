@@ -55,6 +55,16 @@ def _window_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return total
 
 
+def check_eval_settings(seq_len: int, max_windows: int | None = None, batch_size: int = 1) -> None:
+    """One clear error for a window length, window count or batch size that can not be evaluated."""
+    if seq_len < 2:
+        raise TransMLAError(f"--seq-len {seq_len} is too short: use at least 2 tokens")
+    if max_windows is not None and max_windows < 1:
+        raise TransMLAError(f"--max-windows {max_windows} must be at least 1 (or leave it out for all windows)")
+    if batch_size < 1:
+        raise TransMLAError(f"--batch-size {batch_size} must be at least 1")
+
+
 def perplexity(
     model: Any,
     windows: torch.LongTensor,
@@ -70,8 +80,7 @@ def perplexity(
         raise TransMLAError(
             f"windows must be a [N, seq_len] tensor with N >= 1 and seq_len >= 2, got {tuple(windows.shape)}"
         )
-    if batch_size < 1:
-        raise TransMLAError(f"batch size must be at least 1, got {batch_size}")
+    check_eval_settings(windows.shape[1], None, batch_size)
     device = torch.device(device) if device is not None else _model_device(model)
     count, seq_len = windows.shape
     was_training = getattr(model, "training", False)
@@ -108,6 +117,7 @@ def evaluate_models(
     """
     if not models:
         raise TransMLAError("no models to evaluate; pass at least one model")
+    check_eval_settings(seq_len, max_windows, batch_size)
     rows: list[dict[str, Any]] = []
     windows_by_tokenizer: dict[int, torch.LongTensor] = {}
     for name, (model, tokenizer) in models.items():

@@ -10,6 +10,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from transmla.errors import TransMLAError
+
 from .app import app, console, friendly_errors, resolve_device
 
 
@@ -50,23 +52,27 @@ def evaluate(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Evaluate on a hub dataset: wikitext2 or c4."),
     seq_len: int = typer.Option(2048, "--seq-len", help="Window length in tokens (non-overlapping windows)."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate only the first N windows."),
-    batch_size: int = typer.Option(1, "--batch-size"),
+    batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass (more is faster, and needs more memory)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, auto."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table."),
 ) -> None:
     """Perplexity over non-overlapping windows, KV bytes per token, and the change against --compare."""
     from transmla.data.text import load_text
-    from transmla.evaluate import evaluate_models, format_table
+    from transmla.evaluate import check_eval_settings, evaluate_models, format_table
     from transmla.io.converted import parse_dtype
-    from transmla.io.source import load_model
+    from transmla.io.source import load_model, resolve
 
+    check_eval_settings(seq_len, max_windows, batch_size)
     torch_dtype = parse_dtype(dtype, allow_auto=False)
-    text = load_text(text_file=text_file, dataset=dataset)
     target = resolve_device(device)
-    models = {}
-    for name in ([compare] if compare else []) + [model]:
-        models[name] = load_model(name, dtype=torch_dtype, device=target)
+    text = load_text(text_file=text_file, dataset=dataset)
+    if not text.strip():
+        raise TransMLAError(f"the evaluation text ({text_file or dataset}) is empty: give a text of at least --seq-len {seq_len} tokens")
+    names = ([compare] if compare else []) + [model]
+    for name in names:
+        resolve(name)
+    models = {name: load_model(name, dtype=torch_dtype, device=target) for name in names}
     rows = evaluate_models(models, text, seq_len, max_windows=max_windows, batch_size=batch_size, progress=sys.stderr.isatty())
     if as_json:
         print(json.dumps(rows, indent=2))

@@ -12,9 +12,14 @@ from transmla.errors import TransMLAError
 from .app import app, console, friendly_errors, resolve_device
 
 
+EXPORT_TARGETS = ("deepseek",)
+
+
 def check_export_format(name: str) -> None:
-    if name != "deepseek":
-        raise TransMLAError(f"--format {name!r} is not one of ours, deepseek")
+    """Export writes other formats only: the transmla one (`--format ours`) is what `transmla convert` writes."""
+    if name not in EXPORT_TARGETS:
+        raise TransMLAError(f"export writes --format {' or '.join(EXPORT_TARGETS)} only, not {name!r}: the transmla "
+                            "format (ours) is what `transmla convert` writes, so a converted folder needs no export to it")
 
 
 def print_export_report(report) -> None:
@@ -45,6 +50,8 @@ def export(
 ) -> None:
     """Write a converted checkpoint in another model format (see docs/serving.md)."""
     from transmla.export_deepseek import ExportOptions, export_deepseek
+    from transmla.io.output_dir import check_output_dir
+    from transmla.io.source import check_converted
 
     check_export_format(export_format)
     options = ExportOptions(
@@ -53,4 +60,6 @@ def export(
         device=resolve_device(device),
         max_shard_bytes=int(max_shard_size * 2**30), overwrite=overwrite,
     )
+    check_converted(folder)
+    check_output_dir(out, overwrite)
     print_export_report(export_deepseek(folder, out, options))

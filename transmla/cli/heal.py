@@ -48,7 +48,10 @@ def heal(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out and start a fresh work folder."),
 ) -> None:
     """Recover quality with a short distillation from the original model (runs under `accelerate launch` too)."""
+    from transmla.data.text import require_hub
     from transmla.heal import heal as run_heal
+    from transmla.io.output_dir import check_output_dir
+    from transmla.io.source import check_converted
 
     options = HealOptions(
         tokens=parse_tokens(tokens), data=source_specs(data, text_file, dataset, self_distill),
@@ -59,6 +62,11 @@ def heal(
         checkpoint_every=checkpoint_every, work_dir=str(work_dir) if work_dir else None, resume=resume, seed=seed,
         dtype=dtype, overwrite=overwrite,
     )
+    check_converted(folder)
+    check_output_dir(out, overwrite)
+    for source in options.sources():
+        if source.kind == "dataset":
+            require_hub(source.value)
     print_heal_result(run_heal(folder, out, options))
 
 

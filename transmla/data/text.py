@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from transmla.errors import TransMLAError
 
 KNOWN_DATASETS = ("wikitext2", "c4")
 C4_CHARS = 2_000_000  # characters of C4 to stream: a few hundred 2048-token windows
+HUB_PROBE_SECONDS = 5.0  # how long the hub may take to answer before it counts as unreachable
 
 
 def load_text(text_file: Path | str | None = None, dataset: str | None = None, split: str = "test") -> str:
@@ -32,6 +34,7 @@ def load_text(text_file: Path | str | None = None, dataset: str | None = None, s
     if name not in KNOWN_DATASETS and "/" not in dataset:
         raise TransMLAError(f"unknown dataset {dataset!r}; known: {', '.join(KNOWN_DATASETS)} or owner/name[:config[:split]], "
                             "or use a local text file (--text-file, --calib-file)")
+    require_hub(dataset)
     try:
         from datasets import load_dataset
 
@@ -50,6 +53,33 @@ def load_text(text_file: Path | str | None = None, dataset: str | None = None, s
         ) from err
 
 
+@lru_cache(maxsize=None)
+def hub_reachable(endpoint: str) -> bool:
+    """Whether the hub at `endpoint` answers at all (any HTTP status), within HUB_PROBE_SECONDS."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_SECONDS)
+    except Exception:  # the HTTP client's connection, DNS, proxy and timeout errors
+        return False
+    return True
+
+
+def require_hub(dataset: str) -> None:
+    """One line at once where the hub can not be reached, instead of the hub client's retries and then an error;
+    in offline mode (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1) the datasets cache answers alone."""
+    from datasets import config
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or config.HF_HUB_OFFLINE or hub_reachable(constants.ENDPOINT):
+        return
+    raise TransMLAError(
+        f"dataset {dataset!r} needs the Hugging Face hub ({constants.ENDPOINT}), which can not be reached: for offline "
+        "use give a local text file (--text-file, --calib-file or a file:PATH source), or set HF_HUB_OFFLINE=1 to "
+        "read a copy already in the cache"
+    )
+
+
 def _load_hub_text(spec: str, split: str) -> str:
     """About C4_CHARS characters of the `text` column of a hub dataset `owner/name[:config[:split]]`."""
     texts = list(hub_documents(spec, split, C4_CHARS))
@@ -63,6 +93,7 @@ def hub_documents(spec: str, split: str, max_chars: int, column: str = "text") -
     there replaces `split`) until about `max_chars` characters."""
     from datasets import load_dataset
 
+    require_hub(spec)
     repo, config, named_split = (spec.split(":") + ["", ""])[:3]
     seen = 0
     for row in load_dataset(repo, config or None, split=named_split or split, streaming=True):

@@ -43,16 +43,37 @@ def copy_modeling_files(folder: Path) -> None:
         shutil.copyfile(MODELING_DIR / name, Path(folder) / name)
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; one clear error naming the file (and the position) where it is not one."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TransMLAError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
+                            "fix the file or re-download the model") from None
+    except UnicodeDecodeError:
+        raise TransMLAError(f"{path} is not UTF-8 text: fix the file or re-download the model") from None
+    except OSError as exc:
+        raise TransMLAError(f"cannot read {path} ({exc.strerror or exc}): check the file's permissions") from None
+    if not isinstance(data, dict):
+        raise TransMLAError(f"{path} holds a JSON {type(data).__name__}, not an object of named fields: fix the file "
+                            "or re-download the model")
+    return data
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The folder's config.json as a dict (checked to be a JSON object)."""
+    return read_json_object(Path(folder) / "config.json")
+
+
 def is_converted(folder: Path) -> bool:
     """Whether a folder holds a checkpoint written by transmla."""
-    config = Path(folder) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    return (Path(folder) / "config.json").is_file() and read_config(folder).get("model_type") == MODEL_TYPE
 
 
 def read_record(folder: Path) -> dict[str, Any]:
     """The folder's run record (empty if it has none)."""
     path = Path(folder) / RECORD_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def write_record(folder: Path, record: dict[str, Any]) -> None:

@@ -29,12 +29,28 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
+_interrupts: list[int] = []  # SIGINTs received in the current terminate_as_interrupt block
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    _interrupts.append(signum)
+    raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C came during the last terminate_as_interrupt block: a library interrupted mid-import may
+    swallow the KeyboardInterrupt and fail later with another error, which is then the interrupt's doing."""
+    return bool(_interrupts)
+
+
 @contextmanager
 def terminate_as_interrupt(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
-    """Within the block, `signals` that would kill the process at once raise `Terminated` instead.
+    """Within the block, `signals` that would kill the process at once raise `Terminated` instead, and Ctrl-C
+    (SIGINT) raises KeyboardInterrupt, whatever the caller made it do outside (`transmla.__main__` ends the
+    process at once while nothing is being written).
 
-    Handlers that someone else installed (or SIG_IGN, e.g. under nohup) are left alone; outside the main thread
-    this does nothing.
+    Handlers that someone else installed for `signals` (or SIG_IGN, e.g. under nohup, for any) are left alone;
+    outside the main thread this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -43,11 +59,14 @@ def terminate_as_interrupt(signals: tuple[int, ...] = (signal.SIGTERM, signal.SI
     for sig in signals:
         if signal.getsignal(sig) == signal.SIG_DFL:
             previous[sig] = signal.signal(sig, _raise_terminated)
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupt)
+    _interrupts.clear()
     try:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def exit_code(interrupt: KeyboardInterrupt) -> int:

@@ -66,6 +66,25 @@ def check_writable(folder: Path | str) -> None:
         raise TransMLAError(f"cannot write to {folder} ({exc.strerror or exc}); choose another --out") from exc
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` or its nearest parent that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(final: Path | str, overwrite: bool = False) -> None:
+    """Raise TransMLAError where `final` can not become an output folder: it is a file or a link, a non-empty
+    folder (unless `overwrite`), or the nearest existing folder above it is not writable. Cheap: run it before
+    heavy work."""
+    final = Path(final).expanduser().absolute()
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise TransMLAError(f"{final} exists and is not a folder; choose another --out")
+    if final.is_dir() and any(final.iterdir()) and not overwrite:
+        raise TransMLAError(f"{final} exists and is not empty; pass --overwrite or choose another --out")
+    check_writable(nearest_existing(final.parent))
+
+
 def _format_bytes(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -104,6 +123,7 @@ def atomic_output_dir(final: Path | str, overwrite: bool = False) -> Iterator[Pa
     """
     final = Path(final).expanduser().absolute()
     parent = final.parent
+    check_output_dir(final, overwrite)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -112,10 +132,6 @@ def atomic_output_dir(final: Path | str, overwrite: bool = False) -> Iterator[Pa
         ) from exc
     check_writable(parent)
     cleanup_stale_temp_dirs(final)
-    if final.is_symlink() or (final.exists() and not final.is_dir()):
-        raise TransMLAError(f"{final} exists and is not a folder; choose another --out")
-    if final.is_dir() and any(final.iterdir()) and not overwrite:
-        raise TransMLAError(f"{final} exists and is not empty; pass --overwrite or choose another --out")
 
     tmp = _make_unique_dir(parent, _temp_prefix(final))
     try:
