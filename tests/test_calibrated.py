@@ -62,7 +62,7 @@ def test_full_rank_is_exact(sources, calib_file, tmp_path, kind, method):
     model = load(convert(str(folder), tmp_path / "mla", options, progress=False))
     ids = batch()
     with torch.no_grad():
-        assert (model(ids).logits - source(ids).logits).abs().max().item() <= 1e-3
+        assert (model(ids).logits - source(ids).logits).abs().max().item() <= 1e-5  # about 2.5e-7 measured
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "qwen2"])
@@ -73,7 +73,7 @@ def test_kv_budget_of_everything_is_exact(sources, calib_file, tmp_path, kind):
     assert model.config.qk_rope_head_dim == cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     ids = batch()
     with torch.no_grad():
-        assert (model(ids).logits - source(ids).logits).abs().max().item() <= 1e-3
+        assert (model(ids).logits - source(ids).logits).abs().max().item() <= 1e-5  # about 2.4e-7 measured
 
 
 def layer_losses(folder: Path, calib_file: Path, rank: int, rope_dim: int) -> dict[str, float]:
@@ -123,8 +123,8 @@ def test_rope_selections_give_valid_models(sources, calib_file, tmp_path, select
     with torch.no_grad():
         logits, expected = model(ids).logits, source(ids).logits
     assert torch.isfinite(logits).all()
-    # A lossy model, but still close to its source on random tokens.
-    assert torch.nn.functional.kl_div(logits.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="batchmean") < 1.0
+    # A lossy model, but still close to its source on random tokens (KL 0.0034-0.0037 measured over the selections).
+    assert torch.nn.functional.kl_div(logits.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="batchmean") < 0.01
 
 
 @pytest.mark.parametrize("budget", [0.25, 0.5])
@@ -211,3 +211,35 @@ def test_loss_allocation_takes_the_largest_whitened_losses_across_layers():
     small = LayerSpectrum({8: 0.0}, {8: torch.tensor([5.0, 0.5, 0.1, 0.0])}, 1.0)
     assert allocate_ranks([big, small], 8, 4, min_rank=1) == [3, 1]
     assert allocate_ranks([big, small], 8, 6, min_rank=1) == [4, 2]
+
+
+def test_kv_budget_split_is_the_least_measured_attention_error(sources, calib_file, tmp_path, capsys):
+    """Under a budget the rotary width is the candidate with the least held-out attention error, printed and
+    recorded with every candidate's error; R + D uses the whole budget."""
+    folder, _ = sources["llama-gqa"]
+    out = convert(str(folder), tmp_path / "mla", calibrated(calib_file, kv_budget=0.25), progress=True)
+    cfg = load(out).config
+    split = cfg.conversion["kv_budget_split"]
+    losses = {int(d): loss for d, loss in split["loss"].items()}
+    assert split["measure"] == "held-out attention error" and len(losses) >= 3
+    assert cfg.qk_rope_head_dim == split["rope_dim"] == min(losses, key=losses.get)
+    assert all(r + cfg.qk_rope_head_dim == 16 for r in cfg.kv_lora_rank)  # 0.25 * 2 * 2 heads * 16 dims
+    assert f"D = {cfg.qk_rope_head_dim}, R = {16 - cfg.qk_rope_head_dim}" in capsys.readouterr().out
+
+
+def test_refinement_lowers_each_layers_held_out_attention_error(tmp_path):
+    """Gradient steps on the new factors lower every layer's attention error on calibration sequences they were
+    not trained on (measured: 0.408 -> 0.346 and 0.336 -> 0.301); the refined factors are what is written."""
+    from transmla.convert.stream import LayerStream
+
+    save_source("llama-gqa", tmp_path / "src")
+    source = open_source(str(tmp_path / "src"))
+    geo = Geometry.of(source.config)
+    options = ConvertOptions(dtype="float32", calib_samples=64, calib_seq_len=64, kv_lora_rank=8, rope_dim=8,
+                             refine_steps=100, refine_lr=1e-2).resolved(geo)
+    stream = LayerStream(source, geo, options, calibration_ids(source, options), progress=False)
+    refined = {layer: tensors for layer, tensors, _ in stream.layers(stream.sizes())}
+    assert len(stream.refined) == geo.layers and all(r.kept and r.after < 0.93 * r.before for r in stream.refined)
+    plain = LayerStream(source, geo, options.__class__(**{**vars(options), "refine_steps": 0}), stream.ids, progress=False)
+    unrefined = {layer: tensors for layer, tensors, _ in plain.layers(plain.sizes())}
+    assert not torch.equal(refined[0]["kv_b_proj.weight"], unrefined[0]["kv_b_proj.weight"])

@@ -45,7 +45,9 @@ def test_convert_help_states_the_defaults_that_depend_on_the_source():
     result = run("convert", "--help", env={"COLUMNS": "400"})
     assert result.exit_code == 0
     text = " ".join(result.output.split())
-    for fragment in ("default: half the source's KV cache", "default: 64, or all key dims", "default: 64 on a GPU, 16 on a CPU"):
+    for fragment in ("default: the --kv-budget's cache minus the RoPE key", "default: measured under the --kv-budget",
+                     "default 0.5 when neither -r nor -d is given", "default: 64 on a GPU, 16 on a CPU",
+                     "default: 300 on a GPU, 0 on a CPU"):
         assert fragment in text
 
 

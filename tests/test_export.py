@@ -260,6 +260,30 @@ def test_convert_to_deepseek_leaves_only_the_export(tmp_path):
     assert model.generate(random_ids(1, 6), max_new_tokens=4, do_sample=False).shape == (1, 10)
 
 
+def test_default_calibrated_conversion_exports(tmp_path):
+    """The default (whiten, calibrated on sampled text) conversion of a bias-free source exports: with
+    --format deepseek the values are fitted without the o_proj bias that DeepSeek-V3 lacks, and the export
+    reproduces that conversion; a folder converted with the bias is refused with the way out."""
+    save_source("llama-gqa", tmp_path / "src")
+    calibration = dict(calib_samples=4, calib_seq_len=48, dtype="float32")
+    report = convert_deepseek(str(tmp_path / "src"), tmp_path / "ds", ConvertOptions(**calibration), progress=False)
+    rope_dim = json.loads((tmp_path / "ds" / "config.json").read_text())["qk_rope_head_dim"]
+    assert report.kv_lora_rank + rope_dim == 32  # half the source's cache, the split measured
+    ours = convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(
+        rope_per_frequency=True, output_bias=False, kv_lora_rank=report.kv_lora_rank, rope_dim=rope_dim, **calibration),
+        progress=False)
+    assert not any(k.endswith("o_proj.bias") for k in load_file(ours / "model.safetensors"))
+    gap, scale = max_logit_gap(*load_pair(ours, tmp_path / "ds"), random_ids())
+    assert gap < 1e-5 * max(scale, 1.0)
+    biased = convert(str(tmp_path / "src"), tmp_path / "biased", ConvertOptions(rope_per_frequency=True, **calibration),
+                     progress=False)
+    with pytest.raises(TransMLAError, match="mean value error"):
+        export_deepseek(biased, tmp_path / "ds2", progress=False)
+    save_source("qwen2", tmp_path / "qwen2")
+    with pytest.raises(TransMLAError, match="has attention biases"):
+        convert_deepseek(str(tmp_path / "qwen2"), tmp_path / "ds3", ConvertOptions(**calibration), progress=False)
+
+
 def test_cli_export_and_convert_format(tmp_path):
     runner = CliRunner()
     save_source("llama-gqa", tmp_path / "src")

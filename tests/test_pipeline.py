@@ -67,9 +67,6 @@ def test_full_latent_beside_a_narrow_rotary_key_is_exact(tmp_path, kind, method)
     out = convert(str(tmp_path / "src"), tmp_path / "mla", options, progress=False)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     source = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()
-    kv_b = load_file(out / "model.safetensors")["model.layers.0.self_attn.kv_b_proj.weight"]
-    key_rows = kv_b.view(cfg.num_key_value_heads, 2, head_dim, -1)[:, 0]
-    assert key_rows.abs().max() > 0.1  # the key up-projection carries the position-free keys
     ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
@@ -79,3 +76,8 @@ def test_full_latent_beside_a_narrow_rotary_key_is_exact(tmp_path, kind, method)
             model.set_attention_form(form)
             got = model(ids, attention_mask=mask).logits
             assert (got - expected)[mask.bool()].abs().max().item() <= 1e-5, form
+        # the key up-projection carries the position-free keys: without it the logits move 100x the tolerance (5.7e-3
+        # measured for qwen2, the least)
+        for layer in model.model.layers:
+            layer.self_attn.kv_b_proj.weight.view(cfg.num_key_value_heads, 2, head_dim, -1)[:, 0] = 0
+        assert (model(ids, attention_mask=mask).logits - expected)[mask.bool()].abs().max().item() > 1e-3

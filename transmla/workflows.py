@@ -60,7 +60,7 @@ def convert_deepseek(spec: str, out: Path | str, convert_options: ConvertOptions
     options = options or ExportOptions()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:
         raise TransMLAError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
-    convert_options = replace(convert_options, rope_per_frequency=True, overwrite=True)
+    convert_options = replace(convert_options, rope_per_frequency=True, output_bias=False, overwrite=True)
     work = out.parent / f"{out.name}.mla-work"
     state = PartialState()
     try:

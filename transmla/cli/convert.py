@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from transmla.convert.options import ConvertOptions, default
+from transmla.convert.options import DEFAULT_KV_BUDGET, GPU_REFINE_STEPS, ConvertOptions, default
 from transmla.data.mixture import source_specs
 from transmla.errors import TransMLAError
 
@@ -23,8 +23,8 @@ def convert(
     model: str = typer.Argument(..., help="Source: hub id, local folder (safetensors), .gguf file, or smollm2-135m."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML file of convert options (recipes/); flags given here override it."),
-    kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Latent width R cached per token and layer (default: half the source's KV cache minus the RoPE key)."),
-    rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the decoupled RoPE key shared by all heads (even; default: 64, or all key dims if fewer)."),
+    kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Latent width R cached per token and layer (default: the --kv-budget's cache minus the RoPE key)."),
+    rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the decoupled RoPE key shared by all heads (even; default: measured under the --kv-budget for pca/whiten, else 64 or all key dims if fewer)."),
     method: str = typer.Option(default("method"), "--method", help="Factorisation: whiten (covariance-aware: score and output errors on calibration activations); pca (TransMLA's balanced-KV PCA of activations); svd (weights only: for exactness checks)."),
     rope_context: int = typer.Option(default("rope_context"), "--rope-context", help="Weights-only methods: the attention distances (0..N) over which dropping a rotation is costed; calibrated methods measure them."),
     dtype: str = typer.Option(default("dtype"), "--dtype", help="Output dtype: auto (the source's), float32, bfloat16, float16."),
@@ -45,7 +45,10 @@ def convert(
     freqfold: str = typer.Option(str(default("freqfold")), "--freqfold", help="Fold N adjacent frequencies into one mixing (rotate), or auto (per layer, on the calibration loss)."),
     score_weight: float = typer.Option(default("score_weight"), "--score-weight", help="whiten: weight of the attention-score error against the attention-output error."),
     rank_allocation: str = typer.Option(default("rank_allocation"), "--rank-allocation", help="uniform; loss: the same total latent width spread over layers by water-filling on the whitened loss each rank removes (CARE); energy: the same on losses relative to each layer's residual stream."),
-    kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Fraction of the source's KV cache to keep (e.g. 0.5): picks D (unless --rope-dim) and R on a calibration loss proxy; R per layer with --rank-allocation loss or energy."),
+    kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help=f"Fraction of the source's KV cache to keep (default {DEFAULT_KV_BUDGET} when neither -r nor -d is given): D (unless --rope-dim) chosen by the held-out attention error it causes, measured on calibration text; R per layer with --rank-allocation loss or energy."),
+    refine: Optional[int] = typer.Option(None, "--refine", metavar="STEPS", help=f"pca/whiten: gradient steps per layer on its attention-output error against the source layer, after the closed-form fit (default: {GPU_REFINE_STEPS} on a GPU, 0 on a CPU)."),
+    refine_lr: float = typer.Option(default("refine_lr"), "--refine-lr", help="Learning rate of --refine, relative to each tensor's RMS."),
+    output_bias: bool = typer.Option(default("output_bias"), "--output-bias/--no-output-bias", help="whiten: move the mean value error into an o_proj bias (--no-output-bias: fit it in the latent instead, as stock DeepSeek-V3 serving needs; implied by --format deepseek)."),
     export_format: str = typer.Option("ours", "--format", help="ours (the transmla format) or deepseek (stock DeepSeek-V3 for vLLM, SGLang and transformers; one rotary component per frequency; see docs/serving.md)."),
 ) -> None:
     """Convert MODEL to latent attention and write a checkpoint that transformers loads."""
@@ -95,5 +98,6 @@ def convert_options(values: dict[str, Any]) -> ConvertOptions:
         calib_seq_len=values["calib_seq_len"], calib_offload=values["calib_offload"],
         score_weight=float(values["score_weight"]), rope_select=values["rope_select"],
         freqfold=fold if fold == "auto" else int(fold), rank_allocation=values["rank_allocation"],
-        kv_budget=values["kv_budget"],
+        kv_budget=values["kv_budget"], refine_steps=values["refine"], refine_lr=values["refine_lr"],
+        output_bias=values["output_bias"],
     )

@@ -39,13 +39,15 @@ class Sizes:
 
     rope_dim: int
     ranks: list[int]
-    losses: dict[int, float] | None = None  # proxy loss per candidate D, when a budget was split
+    losses: dict[int, float] | None = None  # loss per candidate D, when a budget was split
+    measure: str = "whitened proxy"  # what `losses` are
 
     def summary(self) -> dict[str, Any]:
         """What the conversion record (config `conversion`) notes about the chosen sizes."""
         out: dict[str, Any] = {}
         if self.losses is not None:
-            out["kv_budget_split"] = {"rope_dim": self.rope_dim, "proxy_loss": {str(k): v for k, v in self.losses.items()}}
+            out["kv_budget_split"] = {"rope_dim": self.rope_dim, "measure": self.measure,
+                                      "loss": {str(k): v for k, v in self.losses.items()}}
         return out
 
 
@@ -109,6 +111,35 @@ def choose_split(spectra: list[LayerSpectrum], values_per_layer: int, candidates
     if best is None:
         raise TransMLAError(f"a budget of {values_per_layer} values per token and layer leaves no room for a latent")
     return best[1], best[2], losses
+
+
+def split_grid(geo: Any, values: int, widest: int | None = None) -> list[int]:
+    """Rotary widths D worth measuring for `values` cached values per layer: multiples k * d/4 of a quarter head
+    (k = 1, 2, 3, 4, 5, 6, 8, 12, 16, 24, ...: finer where D is small), up to every key dim (or `widest`) and leaving
+    R >= d/4."""
+    step = max(2, geo.head_dim // 4 // 2 * 2)
+    top = min(geo.key_dims if widest is None else widest, values - step)
+    multiples = sorted({m * 2**i for m in (1, 3) for i in range(16)} | {5})  # 1, 2, 3, 4, 5, 6, 8, 12, 16, 24, ...
+    grid = [k * step for k in multiples if k * step <= top]
+    return grid or [min(geo.key_dims, max(2, (values - 1) // 2 * 2))]
+
+
+def midpoints(grid: list[int], best: int, step: int) -> list[int]:
+    """Untried widths halfway between `best` and its neighbours on `grid` (multiples of `step`)."""
+    i = grid.index(best)
+    out = []
+    for other in grid[max(0, i - 1):i] + grid[i + 1:i + 2]:
+        mid = (best + other) // 2 // step * step
+        if mid not in grid and mid != best:
+            out.append(mid)
+    return out
+
+
+def measured_layers(layers: int, count: int) -> list[int]:
+    """`count` evenly spaced layers, the first and the last among them."""
+    if count >= layers:
+        return list(range(layers))
+    return sorted({round(i * (layers - 1) / (count - 1)) for i in range(count)})
 
 
 def rope_candidates(geo: Any, fixed: int | None) -> list[int]:

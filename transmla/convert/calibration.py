@@ -25,6 +25,7 @@ from .attention import SourceAttention
 from .hidden_states import hidden_buffer
 from .model_config import build_config
 from .statistics import LayerStats
+from .whiten import spd_solve
 
 REFIT_TOKENS = 8192  # calibration tokens (queries) that the least-squares value refit uses
 
@@ -104,16 +105,16 @@ class LayerwiseRunner:
         norm.weight.data.copy_(weight)
         return norm.to(self.device)
 
-    def chunks(self, layer: int, limit: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(sample slice, normalised attention input x [B, T, h]) over the calibration batch."""
+    def chunks(self, layer: int, rows: range | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(sample slice, normalised attention input x [B, T, h]) over the calibration sequences `rows` (all)."""
         norm = self.norm(layer)
-        stop = self.samples if limit is None else min(limit, self.samples)
-        for start in range(0, stop, self.batch):
-            rows = slice(start, min(start + self.batch, stop))
-            yield rows, norm(self.hidden[rows].to(self.device))
+        rows = range(self.samples) if rows is None else rows
+        for start in range(rows.start, rows.stop, self.batch):
+            part = slice(start, min(start + self.batch, rows.stop))
+            yield part, norm(self.hidden[part].to(self.device))
 
     @torch.no_grad()
-    def statistics(self, layer: int, src: SourceAttention) -> LayerStats:
+    def statistics(self, layer: int, src: SourceAttention, rows: range | None = None) -> LayerStats:
         """Input moments, the attention-distance rotation averages and the attention-averaged input moments.
 
         Products are float32 per chunk, sums float64. The value moments need no per-head xbar_h: summed over
@@ -130,7 +131,7 @@ class LayerwiseRunner:
         cs = torch.cat([self.cos[:, :half], self.sin[:, :half]], dim=-1) / self.scaling  # [T, 2F]: cos, sin of s*theta
         cos_t, sin_t = cs[:, :half], cs[:, half:]
         count = 0
-        for _, x in self.chunks(layer):
+        for _, x in self.chunks(layer, rows):
             x = src32.inputs(x)  # the pre-features z when the layer has per-head q/k norms
             probs, _ = source_attention_probs(src32, x, self.cos, self.sin, self.mask)
             bsz, length = x.shape[:2]
@@ -159,13 +160,13 @@ class LayerwiseRunner:
     @torch.no_grad()
     def attention_error(self, layer: int, src: SourceAttention, o_bias: torch.Tensor | None,
                         attention: dict[str, torch.Tensor], rank: int, rope_inv_freq: list[float],
-                        samples: int | None = None) -> float:
+                        rows: range | None = None) -> float:
         """Mean squared difference between the source's and a converted attention's outputs (after o_proj) on
-        the current inputs of the first `samples` calibration sequences: the layer's local calibration loss."""
+        the current inputs of the calibration sequences `rows` (all): the layer's local calibration loss."""
         module = self.converted_layer(layer, attention, rank, rope_inv_freq).self_attn
         src32 = _to(src, torch.float32, self.device)
         total, count = 0.0, 0
-        for _, x in self.chunks(layer, samples):
+        for _, x in self.chunks(layer, rows):
             _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin, self.mask)
             ref = F.linear(out, src32.o, None)
             bsz, length, _ = x.shape
@@ -179,37 +180,44 @@ class LayerwiseRunner:
 
     @torch.no_grad()
     def refit_values(self, layer: int, src: SourceAttention, attention: dict[str, torch.Tensor], rank: int,
-                     rope_inv_freq: list[float], rel: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                     rope_inv_freq: list[float], bias: bool = True, rows: range | None = None,
+                     rel: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Least-squares value up-projection under the converted layer's own attention weights.
 
         Head h of group g outputs A_g cbar_h + b_g with cbar_h = sum_s phat_h(t, s) c_s (phat: the converted
         scores); A_g, b_g minimise sum_{h in g} w_h |A_g cbar_h + b_g - o_h|^2 against the source head outputs
-        o_h, w_h = |W_o,h|_F^2 / d. Returns W_UV [G*d, R] and the o_proj bias sum_h W_o,h b_g(h).
+        o_h, w_h = |W_o,h|_F^2 / d. Returns W_UV [G*d, R] and the o_proj bias sum_h W_o,h b_g(h) (with `bias`
+        off, b_g = 0 and None). `rows`: the calibration sequences used (default: the first REFIT_TOKENS tokens).
         """
         d, heads, groups = src.head_dim, src.heads, src.groups
         src32 = _to(src, torch.float32, self.device)
         gh = src.group_of_head.to(self.device)
         o_heads = src.o.view(src.o.shape[0], heads, d).permute(1, 0, 2)
         w = (o_heads.pow(2).sum(dim=(1, 2)) / d).to(self.device, torch.float64)
-        gram = torch.zeros(groups, rank + 1, rank + 1, dtype=torch.float64, device=self.device)
-        cross = torch.zeros(groups, d, rank + 1, dtype=torch.float64, device=self.device)
+        width = rank + int(bias)  # the latent, and a constant 1 for the bias
+        gram = torch.zeros(groups, width, width, dtype=torch.float64, device=self.device)
+        cross = torch.zeros(groups, d, width, dtype=torch.float64, device=self.device)
         module = self.converted_layer(layer, attention, rank, rope_inv_freq).self_attn
-        for _, x in self.chunks(layer, self.refit_samples):
+        rows = range(self.refit_samples) if rows is None else range(rows.start, min(rows.stop, rows.start + self.refit_samples))
+        for _, x in self.chunks(layer, rows):
             _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin, self.mask)
             probs, latent = module.attention_weights(x, self.positions.expand(x.shape[0], -1), self.mask)
             cbar = probs @ latent[:, None]  # [B, H, T, R]
-            cbar = torch.cat([cbar, torch.ones_like(cbar[..., :1])], dim=-1).transpose(0, 1).flatten(1, 2)  # [H, BT, R+1]
+            if bias:
+                cbar = torch.cat([cbar, torch.ones_like(cbar[..., :1])], dim=-1)
+            cbar = cbar.transpose(0, 1).flatten(1, 2)  # [H, BT, width]
             target = out.view(-1, heads, d).transpose(0, 1)  # [H, BT, d]
             # per-head sums as float32 products, weighted and summed over a group's heads in float64
             gram.index_add_(0, gh, w[:, None, None] * (cbar.transpose(1, 2) @ cbar).double())
             cross.index_add_(0, gh, w[:, None, None] * (target.transpose(1, 2) @ cbar).double())
-        reg = rel * gram.diagonal(dim1=1, dim2=2)[:, :-1].mean(-1)
-        eye = torch.eye(rank + 1, dtype=gram.dtype, device=gram.device)
-        eye[-1, -1] = 0
-        sol = torch.linalg.solve(gram + reg[:, None, None] * eye, cross.transpose(1, 2)).transpose(1, 2)  # [G, d, R+1]
-        up_value, bias = sol[..., :-1].reshape(groups * d, rank), sol[..., -1]
-        o_bias = torch.einsum("hxd,hd->x", o_heads.to(bias), bias[gh])
-        return up_value, o_bias
+        reg = rel * gram.diagonal(dim1=1, dim2=2)[:, :rank].mean(-1)
+        eye = torch.eye(width, dtype=gram.dtype, device=gram.device)
+        eye[rank:, rank:] = 0  # the bias is not shrunk
+        sol = spd_solve(gram + reg[:, None, None] * eye, cross.transpose(1, 2)).transpose(1, 2)  # [G, d, width]
+        up_value = sol[..., :rank].reshape(groups * d, rank)
+        if not bias:
+            return up_value, None
+        return up_value, torch.einsum("hxd,hd->x", o_heads.to(sol), sol[..., rank][gh])
 
     @torch.no_grad()
     def advance_source(self, layer: int, src: SourceAttention, o_bias: torch.Tensor | None) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from transmla.data.cache import cached_tokens
+from typing import Any
+
 from transmla.data.mixture import TextSource, describe, shares
-from transmla.data.sampling import TOP_P, sample_windows
+from transmla.data.sampling import SAMPLE_DTYPE, Draw, cached_samples, rows_for, sampler_record
 from transmla.data.text import calibration_windows, load_text
 from transmla.io.source import Source
 
@@ -47,21 +48,29 @@ def text_ids(source: Source, text_source: TextSource, count: int, options: Conve
 def sampled_ids(source: Source, text_source: TextSource, count: int, options: ConvertOptions,
                 progress: bool = False) -> torch.LongTensor:
     """`count` windows sampled from the source model on `options.device` (cached in the user cache)."""
-    key = {"kind": "calibration", "model": source.fingerprint(), "count": count, "seq_len": options.calib_seq_len,
-           "seed": options.calib_seed, "temperature": options.calib_temperature, "top_p": TOP_P,
-           "dtype": "bfloat16"}
 
-    def make() -> torch.LongTensor:
-        on_gpu = str(options.device).startswith("cuda")
-        # bfloat16: sampling needs the model's distribution, not float32 logits (1.5x faster on a CPU too)
-        model = source.load_model(torch.bfloat16, options.device)
-        try:
-            return sample_windows(model, count, options.calib_seq_len, 64 if on_gpu else 16, options.calib_seed,
-                                  options.calib_temperature, TOP_P, progress=progress,
-                                  desc="sampling calibration text")
-        finally:
-            del model
-            if on_gpu:
-                torch.cuda.empty_cache()
+    def load() -> torch.nn.Module:
+        return source.load_model(SAMPLE_DTYPE, options.device)
 
-    return cached_tokens(key, make)
+    tokens, _ = cached_samples("calibration", source.fingerprint(), source.config, load, options.device, SAMPLE_DTYPE,
+                               count, draw_of(options), progress, "sampling calibration text")
+    if str(options.device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return tokens
+
+
+def draw_of(options: ConvertOptions) -> Draw:
+    """How the `self` source samples its windows."""
+    return Draw(options.calib_seq_len, options.calib_seed, options.calib_temperature)
+
+
+def sampling_record(source: Source, options: ConvertOptions) -> dict[str, Any] | None:
+    """How the `self` share of the calibration text is sampled (device, dtype, sampler, rows at a time), for the
+    conversion record; None when no text is sampled."""
+    mixture = options.sources()
+    counts = dict(zip((s.kind for s in mixture), shares(mixture, options.calib_samples)))
+    count = counts.get("self", 0)
+    if not count:
+        return None
+    device = torch.device(options.device)
+    return {"count": count, **sampler_record(device, SAMPLE_DTYPE, rows_for(source.config, count, options.calib_seq_len, device))}

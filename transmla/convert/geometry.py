@@ -40,6 +40,16 @@ class Geometry:
         """Width of the input the converted matrices act on: the hidden size, or (H+2G)*d pre-features."""
         return (self.heads + 2 * self.groups) * self.head_dim if self.qk_norm else self.hidden
 
+    @property
+    def key_dims(self) -> int:
+        """G*d: every key dim, the widest rotary key."""
+        return self.groups * self.head_dim
+
+    def is_lossless(self, rank: int, rope_dim: int) -> bool:
+        """Whether a rotary key of D dims beside a latent of R keeps everything: all key dims rotate (D = G*d)
+        and the latent holds the values' full rank."""
+        return rope_dim == self.key_dims and rank >= max_latent_rank(self.input_width, 0, self.key_dims)
+
     def check(self, rank: int, rope_dim: int) -> None:
         """One clear error for an impossible (R, D)."""
         if rope_dim % 2 or not 2 <= rope_dim <= self.groups * self.head_dim:

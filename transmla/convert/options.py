@@ -17,7 +17,9 @@ CALIBRATED = ("pca", "whiten")
 ALLOCATIONS = ("uniform", "energy", "loss")
 OFFLOAD_MODES = ("auto", "never", "always")
 FREQFOLD_AUTO = (1, 2, 4)  # the folds that `--freqfold auto` tries per layer
+DEFAULT_KV_BUDGET = 0.5  # calibrated, no sizes given: half the source's KV cache, D and R chosen by measured loss
 GPU_CALIB_SAMPLES = 64  # calibration sequences by default on a GPU
+GPU_REFINE_STEPS = 300  # refinement steps per layer by default on a GPU (none on a CPU: minutes per layer)
 CPU_CALIB_SAMPLES = 16  # ... and on a CPU, where sampling and calibrating cost minutes (its cost: README)
 
 
@@ -46,6 +48,9 @@ class ConvertOptions:
     query_shrink: bool = True  # calibrated: dropped rotations replaced by their attention-weighted average
     score_weight: float = 30.0  # whiten: weight of score errors against output errors (measured: docs/calibration.md)
     refit_values: bool = True  # whiten: least-squares value up-projection under the converted attention
+    refine_steps: int | None = None  # calibrated: gradient steps per layer on its attention error (None: by device)
+    refine_lr: float = 1e-3  # relative to each tensor's RMS
+    output_bias: bool = True  # whiten: an o_proj bias for the mean value error (off: stock DeepSeek-V3 can serve it)
     max_shard_bytes: int = 5 * 2**30
     overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -57,18 +62,29 @@ class ConvertOptions:
 
     def rank(self, geo: Geometry) -> int:
         """The uniform latent width: given, or half of the source's KV cache minus the rotary key."""
-        return self.kv_lora_rank or geo.default_rank(self.rope_dim)
+        return geo.default_rank(self.rope_dim) if self.kv_lora_rank is None else self.kv_lora_rank
+
+    def lossless(self, geo: Geometry) -> bool:
+        """Whether these (resolved) sizes keep every key and value dim, so that the conversion is exact whatever
+        the inputs and needs no calibration text."""
+        if self.kv_budget is not None:
+            return int(self.kv_budget * geo.kv_values) >= geo.kv_values and self.rope_dim in (None, geo.key_dims)
+        return geo.is_lossless(self.rank(geo), self.rope_dim)
 
     def resolved(self, geo: Geometry) -> "ConvertOptions":
         """These options with the rotary width filled in (unless a budget chooses it), checked against the source:
         one clear error for the first bad value, before any heavy work."""
         options = self
+        if options.calibrated and options.kv_lora_rank is None and options.rope_dim is None and options.kv_budget is None:
+            options = replace(options, kv_budget=DEFAULT_KV_BUDGET)  # the split of it is measured
         if options.rope_dim is None and options.kv_budget is None:
             default = geo.default_rope_dim()
             options = replace(options, rope_dim=min(default, geo.head_dim) if options.rope_per_frequency else default)
+        on_gpu = str(options.device).startswith("cuda")
         if options.calib_samples is None:
-            on_gpu = str(options.device).startswith("cuda")
             options = replace(options, calib_samples=GPU_CALIB_SAMPLES if on_gpu else CPU_CALIB_SAMPLES)
+        if options.refine_steps is None:
+            options = replace(options, refine_steps=GPU_REFINE_STEPS if on_gpu and options.calibrated else 0)
         options.check(geo)
         return options
 
@@ -91,6 +107,12 @@ class ConvertOptions:
             raise TransMLAError(f"--kv-budget {self.kv_budget} must be a fraction in (0, 1] of the source's KV cache")
         if self.kv_budget is not None and self.rope_dim is not None and int(self.kv_budget * geo.kv_values) <= self.rope_dim:
             raise TransMLAError(f"--kv-budget {self.kv_budget} leaves no room for a latent next to --rope-dim {self.rope_dim}")
+        if self.refine_steps is not None and self.refine_steps < 0:
+            raise TransMLAError(f"--refine {self.refine_steps} must be a number of steps, 0 or more")
+        if self.refine_steps and not self.calibrated:
+            raise TransMLAError(f"--refine needs calibration text: use --method whiten or pca, not {self.method}")
+        if not self.refine_lr > 0:
+            raise TransMLAError(f"--refine-lr {self.refine_lr} must be positive")
         if self.score_weight <= 0:
             raise TransMLAError(f"--score-weight {self.score_weight} must be positive")
         if self.calib_offload not in OFFLOAD_MODES:

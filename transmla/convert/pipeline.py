@@ -15,6 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from transmla import __version__
+from transmla.determinism import deterministic
+from transmla.errors import TransMLAError
 from transmla.io.checks import check_output_location, check_source_tensors
 from transmla.io.converted import config_dtype, copy_modeling_files, parse_dtype, write_record
 from transmla.io.output_dir import atomic_output_dir, check_free_disk, cleanup_stale_temp_dirs
@@ -39,17 +41,24 @@ CPU_CALIBRATION_NOTE = ("note: on the CPU the calibration is {samples} x {seq_le
 
 
 def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True) -> Path:
-    """Convert SRC into OUT (written to a temporary folder, renamed when complete)."""
+    """Convert SRC into OUT (written to a temporary folder, renamed when complete); the same options on the same
+    machine write the same bytes."""
+    with deterministic():
+        return _convert(spec, out, options, progress)
+
+
+def _convert(spec: str, out: Path, options: ConvertOptions, progress: bool) -> Path:
     out = Path(out)
     source = open_source(spec)
     geo = Geometry.of(source.config)
     resolved = options.resolved(geo)
     dtype = parse_dtype(resolved.dtype) or config_dtype(source.config)
     check_before_work(source, out, dtype)
+    check_output_bias(source, resolved)
     check_calibration_text(source, resolved)
     print_notes(source, spec, options, resolved)
     options = resolved
-    ids = calibration_ids(source, options, progress) if options.calibrated else None
+    ids = calibration_ids(source, options, progress) if needs_text(options, geo) else None
     stream = LayerStream(source, geo, options, ids, progress, scratch_dir=out.absolute().parent)
     sizes = stream.sizes()
     options = replace(options, rope_dim=sizes.rope_dim, extra={**options.extra, **stream.record(sizes)})
@@ -68,7 +77,7 @@ def convert_in_memory(source: Source, options: ConvertOptions, settings: LayerSe
 
     geo = Geometry.of(source.config)
     options = options.resolved(geo)
-    if ids is None and options.calibrated:
+    if ids is None and needs_text(options, geo):
         ids = calibration_ids(source, options)
     stream = LayerStream(source, geo, options, ids, progress, settings)
     sizes = stream.sizes()
@@ -91,6 +100,11 @@ def convert_in_memory(source: Source, options: ConvertOptions, settings: LayerSe
     return model.eval(), sizes
 
 
+def needs_text(options: ConvertOptions, geo: Geometry) -> bool:
+    """Whether the conversion reads calibration text: a calibrated method at sizes that lose something."""
+    return options.calibrated and not options.lossless(geo)
+
+
 def check_before_work(source: Source, out: Path, dtype: torch.dtype) -> None:
     """The output location, the source's tensors and the free disk space, before anything heavy."""
     check_output_location(out, source.folder if source.gguf_file is None else source.folder / source.gguf_file)
@@ -109,6 +123,17 @@ def print_notes(source: Source, spec: str, given: ConvertOptions, options: Conve
         tqdm.write(f"note: the source uses a sliding window of {config.sliding_window}; the converted model attends to the whole context")
     if source.load_tokenizer() is None:
         tqdm.write(f"note: {spec} has no tokenizer files; the converted folder is written without them (copy them in to use it with AutoTokenizer)")
+
+
+def check_output_bias(source: Source, options: ConvertOptions) -> None:
+    """Without an output bias (DeepSeek-V3's form) a source's own attention biases have nowhere to go."""
+    if options.output_bias:
+        return
+    biased = [f"{name}_proj.bias" for name in "qkvo" if source.tensors.has(f"model.layers.0.self_attn.{name}_proj.bias")]
+    if biased:
+        raise TransMLAError(f"{source.name} has attention biases ({', '.join(biased)}), which the converted model keeps "
+                            "in biases of its own that stock DeepSeek-V3 (--format deepseek, --no-output-bias) can not "
+                            "express; convert to the transmla format instead")
 
 
 def estimate_output_bytes(tensors: TensorSource, dtype: torch.dtype) -> int:

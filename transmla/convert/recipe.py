@@ -33,6 +33,7 @@ class LayerSettings:
     rope_context: int  # distances over which a dropped rotation is costed when no attention was measured
     per_frequency: bool  # one rotary component per frequency (exportable to stock DeepSeek code)
     iterations: int = 4  # alternating refinements of the two-covariance objective (whiten)
+    output_bias: bool = True  # whiten: the mean value error moved into o_proj's bias (False: fitted by the latent)
     latent_key_scale: float | None = None  # svd only: None = balanced
 
     @classmethod
@@ -41,7 +42,8 @@ class LayerSettings:
         values = dict(method=options.method, rope_select=options.rope_select,
                       freqfold=1 if str(options.freqfold) == "auto" else int(options.freqfold),
                       shrink=options.method != "svd" and options.query_shrink, score_weight=options.score_weight,
-                      rope_context=options.rope_context, per_frequency=options.rope_per_frequency)
+                      rope_context=options.rope_context, per_frequency=options.rope_per_frequency,
+                      output_bias=options.output_bias)
         return cls(**{**values, **overrides})
 
 
@@ -96,7 +98,7 @@ def convert_layer(src: SourceAttention, stats: LayerStats, inv_freq: torch.Tenso
     else:
         problem = whiten_problem(src, stats, split.nope_to_heads, split.key_nope, q_nope, q_nope_bias, settings)
         latent = weighted_latent(problem, rank, iterations=settings.iterations)
-        value_mean = stats.value_mean.to(src.k.dtype)
+        value_mean = stats.value_mean.to(src.k.dtype) if settings.output_bias else None
     shaped = SourceAttention(q_nope, src.k, src.v, src.o, q_nope_bias, src.k_bias, src.v_bias,
                              src.heads, src.groups, src.head_dim)
     # assemble_layer builds q_rope from the split and takes q_nope from `shaped.q` (shrunk where asked).
@@ -113,8 +115,10 @@ def whiten_problem(src: SourceAttention, stats: LayerStats, nope_to_heads: torch
     second, mean = stats.second.to(dt), stats.mean.to(dt)
     key_w = key_weight_matrix(q_nope, q_nope_bias, nope_to_heads, second, mean, src)
     value_w = value_weight_matrix(src)
-    token_cov = floored(stats.cov.to(dt))
-    value_cov = floored(stats.value_cov().to(dt))
+    token_cov = stats.memo(("token_cov", dt), lambda: floored(stats.cov.to(dt)))
+    # with an output bias to absorb it the mean value error costs nothing (centred moments); without, it counts
+    value_cov = stats.memo(("value_cov", dt, settings.output_bias),
+                           lambda: floored((stats.value_cov() if settings.output_bias else stats.value_second).to(dt)))
     return WeightedProblem(key_nope, src.v, settings.score_weight * key_w, value_w, token_cov, value_cov)
 
 
@@ -127,9 +131,11 @@ def value_bias_correction(src: SourceAttention, latent: LatentFactors, value_mea
     return torch.einsum("hxd,hd->x", o, per_head)
 
 
-def replace_values(out: dict[str, torch.Tensor], up_value: torch.Tensor, o_bias: torch.Tensor, groups: int,
+def replace_values(out: dict[str, torch.Tensor], up_value: torch.Tensor, o_bias: torch.Tensor | None, groups: int,
                    head_dim: int) -> dict[str, torch.Tensor]:
-    """Swap the value rows of kv_b_proj and o_proj's bias for refitted ones."""
+    """Swap the value rows of kv_b_proj and o_proj's bias for refitted ones (no bias: none written)."""
     kv_b = out["kv_b_proj.weight"].clone().view(groups, 2 * head_dim, -1)
     kv_b[:, head_dim:] = up_value.view(groups, head_dim, -1).to(kv_b)
-    return {**out, "kv_b_proj.weight": kv_b.reshape(groups * 2 * head_dim, -1), "o_proj.bias": o_bias.to(kv_b)}
+    result = {k: v for k, v in out.items() if k != "o_proj.bias"}
+    result["kv_b_proj.weight"] = kv_b.reshape(groups * 2 * head_dim, -1)
+    return result if o_bias is None else result | {"o_proj.bias": o_bias.to(kv_b)}

@@ -3,7 +3,8 @@ moments of isotropic inputs that the weights-only method assumes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,6 +24,14 @@ class LayerStats:
     shrink: torch.Tensor  # [H, d/2, 2]
     value_mean: torch.Tensor  # [H, h]
     value_second: torch.Tensor  # [h, h]: mean over heads of E_t xbar_h xbar_h^T
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)  # derived matrices, shared by candidates
+
+    def memo(self, key: Any, make: Any) -> Any:
+        """`make()`, computed once per key for these moments (e.g. an eigendecomposition every candidate split
+        of the layer needs)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     @property
     def cov(self) -> torch.Tensor:
@@ -61,4 +70,5 @@ class LayerStats:
                    torch.zeros(heads, width, dtype=dtype), eye)
 
     def to(self, device: torch.device | str) -> "LayerStats":
-        return LayerStats(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()})
+        return LayerStats(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()
+                             if k != "_memo"})

@@ -21,13 +21,19 @@ from tqdm.auto import tqdm
 from transmla.io.source import Source
 
 from .attention import SourceAttention, read_attention
-from .budget import LayerSpectrum, Sizes, allocate_ranks, choose_split, layer_spectrum, rope_candidates
+from .budget import (LayerSpectrum, Sizes, allocate_ranks, choose_split, layer_spectrum, measured_layers, midpoints,
+                     rope_candidates, split_grid)
 from .calibration import LayerwiseRunner
+from .calibration_data import sampling_record
 from .geometry import Geometry
 from .options import FREQFOLD_AUTO, ConvertOptions
 from .recipe import LayerSettings, convert_layer, replace_values
+from .refine import RefineReport, RefineSettings, refine_layer
 from .rope import source_rope
 from .statistics import LayerStats
+
+SPLIT_LAYERS = 8  # layers on which each candidate split is measured (evenly spaced)
+SPLIT_HELD_OUT = 0.25  # share of the calibration sequences that scores the candidates (the rest fits them)
 
 
 class LayerStream:
@@ -44,6 +50,8 @@ class LayerStream:
         self.device = torch.device(options.device)
         self.inv_freq, self.scaling = source_rope(source.config)
         self.progress, self.scratch_dir = progress, scratch_dir
+        self.refine_settings = RefineSettings(options.refine_steps or 0, options.refine_lr, seed=options.calib_seed)
+        self.refined: list[RefineReport] = []
 
     @property
     def calibrated(self) -> bool:
@@ -54,13 +62,18 @@ class LayerStream:
         o = self.options
         out: dict[str, Any] = {"rope_select": self.settings.rope_select, "freqfold": o.freqfold,
                                "rank_allocation": o.rank_allocation, "kv_budget": o.kv_budget}
+        if o.calibrated and not self.calibrated:
+            out |= {"calibration": "none: the sizes keep every key and value dim, so the conversion is exact on any input"}
         if self.calibrated:
             out |= {"calibration": {"sources": [s.spec() for s in o.sources()], "samples": o.calib_samples,
                                     "seq_len": o.calib_seq_len, "seed": o.calib_seed,
-                                    "temperature": o.calib_temperature},
+                                    "temperature": o.calib_temperature, "sampled": sampling_record(self.source, o)},
                     "query_shrink": self.settings.shrink}
+            if o.refine_steps:
+                out |= {"refine": {"steps": o.refine_steps, "lr": o.refine_lr}}
             if o.method == "whiten":
-                out |= {"score_weight": self.settings.score_weight, "refit_values": o.refit_values}
+                out |= {"score_weight": self.settings.score_weight, "refit_values": o.refit_values,
+                        "output_bias": self.settings.output_bias}
         return out | sizes.summary()
 
     def sizes(self) -> Sizes:
@@ -72,9 +85,14 @@ class LayerStream:
                 return Sizes(o.rope_dim, [rank] * geo.layers)
             return Sizes(o.rope_dim, allocate_ranks(self._measure([o.rope_dim]), o.rope_dim, rank * geo.layers))
         values = int(o.kv_budget * geo.kv_values)
+        if o.lossless(geo):  # the whole cache: every key dim rotates, the latent holds the values
+            return Sizes(geo.key_dims, [min(values - geo.key_dims, geo.input_width)] * geo.layers)
         candidates = rope_candidates(geo, o.rope_dim)  # under a budget, a given --rope-dim is the only candidate
         if len(candidates) == 1 and o.rank_allocation == "uniform":
             return Sizes(candidates[0], [values - candidates[0]] * geo.layers)
+        if self.calibrated and o.rank_allocation == "uniform":
+            rope_dim, losses = self._measure_split(values)
+            return Sizes(rope_dim, [values - rope_dim] * geo.layers, losses, "held-out attention error")
         chosen, ranks, losses = choose_split(self._measure(candidates), values, candidates, o.rank_allocation)
         return Sizes(chosen, ranks, losses)
 
@@ -84,22 +102,75 @@ class LayerStream:
         with tqdm(range(self.geo.layers), desc="converting layers", disable=not self.progress) as bar:
             for layer in bar:
                 yield self._layer(runner, layer, sizes)
+        if self.refined and self.progress:
+            kept = [r for r in self.refined if r.kept]
+            mean = lambda values: sum(values) / max(len(values), 1)  # noqa: E731
+            tqdm.write(f"refined {len(kept)} of {len(self.refined)} layers ({self.refine_settings.steps} steps each): held-out "
+                       f"attention error {mean([r.before for r in self.refined]):.4g} -> "
+                       f"{mean([min(r.before, r.after) for r in self.refined]):.4g}")
 
     def _layer(self, runner: LayerwiseRunner | None, layer: int,
                sizes: Sizes) -> tuple[int, dict[str, torch.Tensor], list[float]]:
         src, o_bias = self._read(layer)
         rank = sizes.ranks[layer]
         stats = runner.statistics(layer, src).to(self.device) if runner is not None else self._identity()
-        converted, freqs = self._convert(runner, layer, src, stats, rank, sizes.rope_dim)
-        if runner is not None and self.options.method == "whiten" and self.options.refit_values \
-                and rank < self._full_rank(sizes.rope_dim):
-            up_value, bias = runner.refit_values(layer, src, converted, rank, freqs)
-            converted = replace_values(converted, up_value, bias, self.geo.groups, self.geo.head_dim)
+        converted, freqs = self._fit(runner, layer, src, stats, rank, sizes.rope_dim)
+        if runner is not None and self.options.refine_steps and rank < self._full_rank(sizes.rope_dim):
+            converted, report = refine_layer(runner, layer, src, converted, rank, freqs, self.refine_settings)
+            self.refined.append(report)
         if o_bias is not None:
             converted["o_proj.bias"] = converted.get("o_proj.bias", 0) + o_bias.to(converted["o_proj.weight"])
         if runner is not None:
             runner.advance(layer, converted, rank, freqs)  # layer l+1's inputs, as the converted layer makes them
         return layer, converted, freqs
+
+    def _fit(self, runner: LayerwiseRunner | None, layer: int, src: SourceAttention, stats: LayerStats, rank: int,
+             rope_dim: int, rows: range | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+        """The closed-form conversion of one layer, its values refitted under its own attention (whiten) on the
+        calibration sequences `rows`."""
+        converted, freqs = self._convert(runner, layer, src, stats, rank, rope_dim)
+        if runner is not None and self.options.method == "whiten" and self.options.refit_values \
+                and rank < self._full_rank(rope_dim):
+            up_value, bias = runner.refit_values(layer, src, converted, rank, freqs, bias=self.settings.output_bias,
+                                                 rows=rows)
+            converted = replace_values(converted, up_value, bias, self.geo.groups, self.geo.head_dim)
+        return converted, freqs
+
+    def _measure_split(self, values: int) -> tuple[int, dict[int, float]]:
+        """The rotary width D for `values` cached values per layer with the least held-out attention error, and
+        every candidate's error (see `budget.split_grid`): a pass through the source model that converts
+        SPLIT_LAYERS evenly spaced layers with each candidate."""
+        runner = self._runner()
+        held = max(1, round(runner.samples * SPLIT_HELD_OUT)) if runner.samples > 1 else 0
+        fit, measure = range(runner.samples - held), range(runner.samples - held, runner.samples)
+        if not held:
+            fit = measure = range(runner.samples)
+        grid = split_grid(self.geo, values, self.geo.head_dim if self.options.rope_per_frequency else None)
+        layers = set(measured_layers(self.geo.layers, SPLIT_LAYERS))
+        scores: dict[int, float] = {}
+        pending = list(grid)
+        for round_ in range(2):
+            runner = runner if round_ == 0 else self._runner()
+            for layer in tqdm(range(self.geo.layers), desc=f"measuring splits ({', '.join(map(str, pending))})",
+                              disable=not self.progress):
+                src, o_bias = self._read(layer)
+                if layer in layers:
+                    stats = runner.statistics(layer, src, fit).to(self.device)
+                    for rope_dim in pending:
+                        converted, freqs = self._fit(runner, layer, src, stats, values - rope_dim, rope_dim, fit)
+                        error = runner.attention_error(layer, src, None, converted, values - rope_dim, freqs, measure)
+                        scores[rope_dim] = scores.get(rope_dim, 0.0) + error
+                runner.advance_source(layer, src, o_bias)
+            best = min(scores, key=lambda d: (scores[d], -d))
+            pending = [d for d in midpoints(sorted(scores), best, grid[0]) if d not in scores]
+            if not pending:
+                break
+        best = min(scores, key=lambda d: (scores[d], -d))
+        if self.progress:
+            listed = ", ".join(f"D={d}: {scores[d]:.4g}" for d in sorted(scores))
+            tqdm.write(f"split of {values} values per layer: D = {best}, R = {values - best} (held-out attention error "
+                       f"summed over {len(layers)} layers: {listed})")
+        return best, {d: scores[d] for d in sorted(scores)}
 
     def _runner(self) -> LayerwiseRunner | None:
         if not self.calibrated:
@@ -145,7 +216,7 @@ class LayerStream:
                 continue
             settings = replace(self.settings, freqfold=fold)
             converted, freqs = convert_layer(src, stats, inv_freq, self.scaling, rank, rope_dim, settings)
-            loss = runner.attention_error(layer, src, None, converted, rank, freqs, samples=max(1, runner.samples // 4))
+            loss = runner.attention_error(layer, src, None, converted, rank, freqs, range(max(1, runner.samples // 4)))
             if best is None or loss < best[0]:
                 best = (loss, converted, freqs)
         return best[1], best[2]

@@ -28,32 +28,76 @@ S' = S_1^{-1/2} S_2 S_1^{-1/2}; in the eigenbases of K' (a) and S' (b) it is sol
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .latent import LatentFactors, fix_signs
 
-
-def psd_power(mat: torch.Tensor, power: float, rel_eps: float = 1e-10) -> torch.Tensor:
-    """mat^power of a symmetric PSD matrix, eigenvalues floored at rel_eps * the largest."""
-    mat = (mat + mat.T) / 2
-    vals, vecs = torch.linalg.eigh(mat)
-    floor = rel_eps * vals.abs().max().clamp_min(1e-300)
-    return (vecs * vals.clamp_min(floor).pow(power)) @ vecs.T
-
-
 # Calibration moments are sums of float32 products: eigenvalues below this share of the largest are noise.
 COVARIANCE_FLOOR = 1e-6
 
 
-def floored(cov: torch.Tensor, rel: float = COVARIANCE_FLOOR) -> torch.Tensor:
-    """cov with its eigenvalues raised to at least rel * the largest: symmetric positive definite, and no
-    direction that the estimate can not resolve is trusted more than rel of the strongest."""
-    cov = (cov + cov.T) / 2
-    vals, vecs = torch.linalg.eigh(cov)
-    floor = rel * vals.max().clamp_min(1e-300)
-    return (vecs * vals.clamp_min(floor)) @ vecs.T
+def psd_power(mat: torch.Tensor, power: float, rel_eps: float = 1e-10) -> torch.Tensor:
+    """mat^power of a symmetric PSD matrix, eigenvalues floored at rel_eps * the largest."""
+    return Spd.of(mat).power(power, rel_eps)
+
+
+@dataclass
+class Spd:
+    """A symmetric positive semi-definite matrix held as its eigendecomposition, so that its powers, floors and
+    ridges (the same eigenvectors) cost no further decomposition."""
+
+    vals: torch.Tensor  # ascending
+    vecs: torch.Tensor
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, mat: torch.Tensor) -> "Spd":
+        vals, vecs = torch.linalg.eigh((mat + mat.T) / 2)
+        return cls(vals, vecs)
+
+    def matrix(self) -> torch.Tensor:
+        if "matrix" not in self._memo:
+            self._memo["matrix"] = (self.vecs * self.vals) @ self.vecs.T
+        return self._memo["matrix"]
+
+    def power(self, power: float, rel_eps: float = 1e-10) -> torch.Tensor:
+        key = ("power", power, rel_eps)
+        if key not in self._memo:
+            floor = rel_eps * self.vals.abs().max().clamp_min(1e-300)
+            self._memo[key] = (self.vecs * self.vals.clamp_min(floor).pow(power)) @ self.vecs.T
+        return self._memo[key]
+
+    def floored(self, rel: float = COVARIANCE_FLOOR) -> "Spd":
+        """Eigenvalues raised to at least rel * the largest: positive definite, and no direction that the estimate
+        can not resolve is trusted more than rel of the strongest."""
+        return Spd(self.vals.clamp_min(rel * self.vals.max().clamp_min(1e-300)), self.vecs)
+
+    def ridged(self, rel: float) -> "Spd":
+        """+ rel * mean(diag) * I (the mean eigenvalue is the mean diagonal), memoised."""
+        key = ("ridged", rel)
+        if key not in self._memo:
+            self._memo[key] = Spd(self.vals + rel * self.vals.mean().clamp_min(1e-300), self.vecs)
+        return self._memo[key]
+
+    def whitened(self, other: "Spd") -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigendecomposition of self^{-1/2} other self^{-1/2} (memoised per `other`)."""
+        key = ("whitened", id(other))
+        if key not in self._memo:
+            inv_half = self.power(-0.5)
+            vals, vecs = torch.linalg.eigh(_sym(inv_half @ other.matrix() @ inv_half))
+            self._memo[key] = (other, vals, vecs)  # `other` kept so that its id stays its own
+        return self._memo[key][1], self._memo[key][2]
+
+
+def _sym(mat: torch.Tensor) -> torch.Tensor:
+    return (mat + mat.T) / 2
+
+
+def floored(cov: torch.Tensor, rel: float = COVARIANCE_FLOOR) -> Spd:
+    """cov with its eigenvalues raised to at least rel * the largest (see `Spd.floored`)."""
+    return Spd.of(cov).floored(rel)
 
 
 def ridge(mat: torch.Tensor, rel: float) -> torch.Tensor:
@@ -69,18 +113,23 @@ class WeightedProblem:
     value: torch.Tensor  # B_v [V, h]
     key_weight: torch.Tensor  # M_z [Z, Z]
     value_weight: torch.Tensor  # M_v [V, V]
-    key_cov: torch.Tensor  # S_z [h, h]
-    value_cov: torch.Tensor  # S_v [h, h]
+    key_cov: Spd  # S_z [h, h]
+    value_cov: Spd  # S_v [h, h]
 
-    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor, Spd]]:
         return [(self.key, self.key_weight, self.key_cov), (self.value, self.value_weight, self.value_cov)]
 
     def loss(self, factors: LatentFactors) -> list[float]:
         out = []
         for (b, m, s), a in zip(self.parts(), (factors.up_key, factors.up_value)):
             e = b - a @ factors.down
-            out.append(float(torch.einsum("ij,jk,ik->", m @ e, s, e)) if e.numel() else 0.0)
+            out.append(float(torch.einsum("ij,jk,ik->", m @ e, s.matrix(), e)) if e.numel() else 0.0)
         return out
+
+    def weight_roots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """M^{1/2} and M^{-1/2} of the block-diagonal weight blockdiag(M_z, M_v)."""
+        roots = [Spd.of(w) for w in (self.key_weight, self.value_weight) if w.numel()]
+        return torch.block_diag(*(r.power(0.5) for r in roots)), torch.block_diag(*(r.power(-0.5) for r in roots))
 
 
 def top_left_singular(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,13 +139,23 @@ def top_left_singular(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vecs.flip(-1), vals.flip(-1).clamp_min(0)
 
 
-def weighted_spectrum(problem: WeightedProblem, common_cov: torch.Tensor | None = None, rel: float = 1e-9) -> torch.Tensor:
+def weighted_spectrum(problem: WeightedProblem, common_cov: Spd | None = None, rel: float = 1e-9) -> torch.Tensor:
     """Squared singular values of M^{1/2} B S^{1/2}: the loss left by rank R is the sum of those beyond R."""
     stacked = torch.cat([problem.key, problem.value])
-    m_half = torch.block_diag(*(_block_sqrt(w)[0] for w in (problem.key_weight, problem.value_weight) if w.numel()))
+    m_half, _ = problem.weight_roots()
     s = problem.key_cov if common_cov is None else common_cov
     limit = min(stacked.shape)
-    return top_left_singular(m_half @ stacked @ psd_power(ridge(s, rel), 0.5))[1][:limit]
+    return top_left_singular(m_half @ stacked @ s.ridged(rel).power(0.5))[1][:limit]
+
+
+def spd_solve(mat: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """mat^-1 rhs for (batches of) symmetric positive definite mat, by Cholesky. (Batched LU solves of float64
+    systems fail at random on 2 CPU threads with torch 2.13's MKL: "Pivots given to lu_solve must all be greater
+    or equal to 1".)"""
+    factor, info = torch.linalg.cholesky_ex(mat)
+    if bool(info.any()):
+        return torch.linalg.lstsq(mat, rhs).solution
+    return torch.cholesky_solve(rhs, factor)
 
 
 def refit_up(b: torch.Tensor, down: torch.Tensor, cov: torch.Tensor, rel: float = 1e-9) -> torch.Tensor:
@@ -105,22 +164,16 @@ def refit_up(b: torch.Tensor, down: torch.Tensor, cov: torch.Tensor, rel: float 
     return torch.linalg.solve(gram, down @ cov @ b.T).T
 
 
-def _block_sqrt(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return psd_power(weight, 0.5), psd_power(weight, -0.5)
-
-
-def weighted_latent(problem: WeightedProblem, rank: int, common_cov: torch.Tensor | None = None,
+def weighted_latent(problem: WeightedProblem, rank: int, common_cov: Spd | None = None,
                     iterations: int = 0, rel: float = 1e-9) -> LatentFactors:
     """CARE-style SVD of M^{1/2} B S^{1/2} with S = common_cov (default: the key covariance), then `iterations`
     alternating refinements of the two-covariance objective (see the module docstring)."""
     z = problem.key.shape[0]
     stacked = torch.cat([problem.key, problem.value])
-    m_half = torch.block_diag(*(_block_sqrt(w)[0] for w in (problem.key_weight, problem.value_weight) if w.numel()))
-    m_inv_half = torch.block_diag(*(_block_sqrt(w)[1] for w in (problem.key_weight, problem.value_weight) if w.numel()))
+    m_half, m_inv_half = problem.weight_roots()
     s = problem.key_cov if common_cov is None else common_cov
-    s_half = psd_power(ridge(s, rel), 0.5)
     weighted = m_half @ stacked
-    u = fix_signs(top_left_singular(weighted @ s_half)[0][:, :rank])
+    u = fix_signs(top_left_singular(weighted @ s.ridged(rel).power(0.5))[0][:, :rank])
     down = u.T @ weighted
     up = m_inv_half @ u
     factors = LatentFactors(down=down, up_key=up[:z], up_value=up[z:])
@@ -137,7 +190,8 @@ def weighted_latent(problem: WeightedProblem, rank: int, common_cov: torch.Tenso
 
 
 def _refit(problem: WeightedProblem, down: torch.Tensor, rel: float) -> LatentFactors:
-    ups = [refit_up(b, down, ridge(s, rel), rel) if b.shape[0] else b.new_zeros(0, down.shape[0]) for b, _, s in problem.parts()]
+    ups = [refit_up(b, down, s.ridged(rel).matrix(), rel) if b.shape[0] else b.new_zeros(0, down.shape[0])
+           for b, _, s in problem.parts()]
     return LatentFactors(down=down, up_key=ups[0], up_value=ups[1])
 
 
@@ -146,15 +200,16 @@ def _solve_down(problem: WeightedProblem, factors: LatentFactors, rel: float) ->
     terms = []
     for (b, m, s), a in zip(problem.parts(), (factors.up_key, factors.up_value)):
         if b.shape[0]:
-            terms.append((a.T @ m @ a, ridge(s, rel), a.T @ m @ b @ ridge(s, rel)))
+            ridged = s.ridged(rel)
+            terms.append((a.T @ m @ a, ridged, a.T @ m @ b @ ridged.matrix()))
     if len(terms) == 1:
         k, s, f = terms[0]
-        return torch.linalg.solve(ridge(k, rel), torch.linalg.solve(s, f.T).T)
+        return torch.linalg.solve(ridge(k, rel), torch.linalg.solve(s.matrix(), f.T).T)
     (k1, s1, f1), (k2, s2, f2) = terms
     k1, k2 = ridge(k1, rel), ridge(k2, rel)
-    k1_ih, s1_ih = psd_power(k1, -0.5), psd_power(s1, -0.5)
-    kv, kq = torch.linalg.eigh(k1_ih @ k2 @ k1_ih)
-    sv, sq = torch.linalg.eigh(s1_ih @ s2 @ s1_ih)
+    k1_ih, s1_ih = psd_power(k1, -0.5), s1.power(-0.5)
+    kv, kq = torch.linalg.eigh(_sym(k1_ih @ k2 @ k1_ih))
+    sv, sq = s1.whitened(s2)
     rhs = kq.T @ (k1_ih @ (f1 + f2) @ s1_ih) @ sq
     y = kq @ (rhs / (1 + kv.clamp_min(0)[:, None] * sv.clamp_min(0)[None])) @ sq.T
     return k1_ih @ y @ s1_ih
@@ -163,7 +218,7 @@ def _solve_down(problem: WeightedProblem, factors: LatentFactors, rel: float) ->
 def _normalise(factors: LatentFactors, problem: WeightedProblem) -> LatentFactors:
     """Rescale latent coordinates to unit energy over the inputs (harmless; keeps the cached values well scaled
     for low-precision storage)."""
-    energy = torch.einsum("rh,hx,rx->r", factors.down, problem.key_cov, factors.down)
+    energy = torch.einsum("rh,hx,rx->r", factors.down, problem.key_cov.matrix(), factors.down)
     energy = energy.clamp_min(1e-12 * float(energy.max().clamp_min(1e-30))).sqrt()
     scale = 1 / energy
     return LatentFactors(down=factors.down * scale[:, None], up_key=factors.up_key / scale, up_value=factors.up_value / scale)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # raised when the key or the stored format changes
 
 
 def cache_dir() -> Path:

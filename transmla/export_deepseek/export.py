@@ -79,6 +79,11 @@ def check_exportable(config: dict[str, Any], tensors: SafetensorsSource) -> None
         for name in ("q_proj.bias", "kv_a_proj.bias", "o_proj.bias"):
             key = f"model.layers.{layer}.self_attn.{name}"
             if tensors.has(key) and bool(tensors.get(key).abs().max() > 0):
+                if name == "o_proj.bias" and (config.get("conversion") or {}).get("output_bias"):
+                    raise TransMLAError(
+                        f"{key} is nonzero: the calibrated conversion moved the mean value error into o_proj's bias, "
+                        "which DeepSeek-V3 serving has not; convert again with --format deepseek (or --no-output-bias), "
+                        "which fits the values without it")
                 arch = config.get("source_architecture") or "the source"
                 raise TransMLAError(
                     f"{key} is nonzero ({arch} attention biases): DeepSeek-V3 attention has no biases in vLLM and "

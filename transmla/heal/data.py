@@ -147,9 +147,6 @@ class WindowStream:
         return micro_steps * self.world * self.micro_batch / len(self.windows)
 
 
-SAMPLE_BATCH = 1024  # teacher samples generated at once
-
-
 def build_windows(options: Any, tokenizer: Any, teacher: Any, teacher_id: dict[str, Any], accelerator: Any,
                   progress: bool) -> Windows:
     """Training and validation windows of the options' mixture: each source gives its weight's share of the
@@ -182,18 +179,14 @@ def teacher_windows(options: Any, teacher: Any, teacher_id: dict[str, Any], acce
                     progress: bool) -> torch.LongTensor:
     """`windows` training windows packed from teacher samples of `sample_len` tokens (each from the start token),
     sampled across processes and cached in the user cache."""
-    from transmla.data.cache import cached_tokens
-    from transmla.data.sampling import TOP_P, sample_windows
+    from transmla.data.sampling import Draw, cached_samples
 
     docs = math.ceil(windows * options.seq_len / options.sample_len)
     share = math.ceil(docs / accelerator.num_processes)
-    rank = accelerator.process_index
-    key = {"kind": "heal", "teacher": teacher_id, "docs": share,
-           "sample_len": options.sample_len, "seed": options.seed + 1000 * rank,
-           "temperature": options.sample_temperature, "top_p": TOP_P}
-    mine = cached_tokens(key, lambda: sample_windows(
-        teacher, share, options.sample_len, SAMPLE_BATCH, options.seed + 1000 * rank, options.sample_temperature,
-        TOP_P, progress=progress and accelerator.is_local_main_process, desc="sampling text from the teacher"))
+    draw = Draw(options.sample_len, options.seed + 1000 * accelerator.process_index, options.sample_temperature)
+    dtype = next(teacher.parameters()).dtype
+    mine, _ = cached_samples("heal", teacher_id, teacher.config, lambda: teacher, accelerator.device, dtype, share, draw,
+                             progress and accelerator.is_local_main_process, "sampling text from the teacher")
     return pack(accelerator.gather(mine.to(accelerator.device)).cpu()[:docs].reshape(-1), options.seq_len)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from transmla.determinism import deterministic
 from transmla.errors import TransMLAError
 from transmla.io.converted import config_dtype, copy_modeling_files, parse_dtype, read_record, write_record
 from transmla.io.output_dir import atomic_output_dir, check_writable
@@ -137,7 +138,8 @@ def heal(
     accelerator.wait_for_everyone()
 
     try:
-        return _run(folder, out, options, accelerator, spec, work, resume_from, progress, on_step)
+        with deterministic():
+            return _run(folder, out, options, accelerator, spec, work, resume_from, progress, on_step)
     except BaseException:
         if accelerator.is_main_process and not checkpoints(work):
             shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming
