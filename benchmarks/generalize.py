@@ -1,14 +1,16 @@
 """Generalisation benchmark: converted (and healed) SmolLM2-135M on eight domains (prose in English, German and
 Spanish, documentation, Python, C and JavaScript code, chat) that no calibration, healing or setting choice saw.
 
-Every row is a budget (share of the source's KV cache at D = 64) x a method x a calibration source, training-free
-or healed; every row is evaluated on the test text of each domain (the table) and on its dev text (for choosing
-settings). Domains and their provenance: `benchmarks/domains.py`. Baselines are our implementations of the
+Every row is a budget (share of the source's KV cache) x a conversion setting, training-free or healed: the default
+(the split of the budget between the rotary key D and the latent R measured, then the refinement), its pieces alone,
+fixed splits (the split found by hand), other calibration seeds (the spread of sampled calibration text), the
+DeepSeek-V3 export. Every row is evaluated on the test text of each domain (the table) and on its dev text (for
+choosing settings). Domains and their provenance: `benchmarks/domains.py`. Baselines are our implementations of the
 published training-free recipes (TransMLA: RoRoPE + freqfold 2 + balanced-KV PCA; MHA2MLA: 2-norm partial RoPE +
 joint SVD of the weights), calibrated on WikiText-2 as published.
 
     python benchmarks/generalize.py --device cuda --out benchmarks/results/generalize
-    python benchmarks/generalize.py --rows whiten-self --budgets 0.5 --out /tmp/g     # one row
+    python benchmarks/generalize.py --rows default --budgets 0.5 --out /tmp/g     # one row
 
 Writes generalize.json (rows, appended as they finish; reruns skip rows already there), generalize.md and
 generalize.png under --out; `--render-only` redraws the last two from the JSON.
@@ -23,6 +25,7 @@ import math
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,51 +46,47 @@ from transmla.heal import HealOptions, heal  # noqa: E402
 from transmla.heal.data import parse_tokens  # noqa: E402
 from transmla.io.source import load_model, open_source  # noqa: E402
 
-BUDGETS = (1.0, 0.75, 0.5, 0.25)
-ROPE_DIM = 64
+BUDGETS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
+PAIR = (0.5, 0.25)  # budgets of the rows that compare one setting against the default
+BASELINE_ROPE_DIM = 64  # the published recipes' rotary width
 WIKI_CALIB = f"file:{domains.wikitext_calibration_file()}"  # WikiText-2 validation less the WikiText dev articles
 
 
 @dataclass
 class Row:
-    """A row family: convert options (every field not given is the tool's default), recipe overrides, healing."""
+    """A row family: convert options (every field not given is the tool's default: the budget split measured, the
+    refinement of the device), recipe overrides, healing, and the budgets it is measured at."""
 
     label: str
     options: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     heal: dict[str, Any] | None = None  # HealOptions fields; None: training-free
+    budgets: tuple[float, ...] = PAIR
     ablation: bool = False  # in the table, not the plot
+    export: bool = False  # written with `convert --format deepseek`, evaluated as stock DeepSeek-V3
 
 
+CLOSED = {"refine_steps": 0}
 ROWS = {
-    "whiten-self": Row("ours, no data (default): whiten on self-sampled text"),
-    "whiten-mix": Row("ours: whiten on self + WikiText-2", {"calib_sources": ("self", WIKI_CALIB)}),
-    "whiten-wiki": Row("ours: whiten on WikiText-2", {"calib_sources": (WIKI_CALIB,)}),
-    "transmla-wiki": Row("TransMLA (ours) on WikiText-2", {"method": "pca", "freqfold": 2, "calib_sources": (WIKI_CALIB,)},
+    "default": Row("ours, no data (default): split measured, refined", budgets=BUDGETS),
+    "closed-form": Row("ours, closed form only (--refine 0)", CLOSED, budgets=BUDGETS),
+    **{f"d{d}": Row(f"closed form, D = {d} fixed", {**CLOSED, "rope_dim": d}, ablation=True) for d in (16, 32, 48, 64, 96)},
+    **{f"seed{i}": Row(f"closed form, calibration seed {i}", {**CLOSED, "calib_seed": i}, ablation=True) for i in range(1, 5)},
+    "per-frequency": Row("closed form, one rotary component per frequency", {**CLOSED, "rope_per_frequency": True},
+                         budgets=(0.5,), ablation=True),
+    "deepseek": Row("closed form, exported to DeepSeek-V3 (no o_proj bias)", CLOSED, budgets=(0.5,), ablation=True,
+                    export=True),
+    "transmla-wiki": Row("TransMLA (ours) on WikiText-2", {"method": "pca", "freqfold": 2, "calib_sources": (WIKI_CALIB,),
+                                                           "rope_dim": BASELINE_ROPE_DIM, "refine_steps": 0},
                          {"shrink": False}),
-    "mha2mla-wiki": Row("MHA2MLA (ours) on WikiText-2", {"method": "svd", "rope_select": "norm"},
+    "mha2mla-wiki": Row("MHA2MLA (ours) on WikiText-2", {"method": "svd", "rope_select": "norm", "rope_dim": BASELINE_ROPE_DIM},
                         {"latent_key_scale": 1.0, "shrink": False}),
-    "svd": Row("weights only (svd)", {"method": "svd"}, ablation=True),
-    "whiten-self-loss": Row("whiten, self, ranks by whitened loss", {"rank_allocation": "loss"}, ablation=True),
-    "whiten-self-energy": Row("whiten, self, ranks by energy", {"rank_allocation": "energy"}, ablation=True),
-    "whiten-self-n16": Row("whiten, self, 16 calibration samples", {"calib_samples": 16}, ablation=True),
-    "whiten-self-n32": Row("whiten, self, 32 calibration samples", {"calib_samples": 32}, ablation=True),
-    "whiten-self-n64": Row("whiten, self, 64 calibration samples", {"calib_samples": 64}, ablation=True),
-    "whiten-wiki-n64": Row("whiten, WikiText-2, 64 calibration samples", {"calib_sources": (WIKI_CALIB,), "calib_samples": 64},
-                           ablation=True),
-    "whiten-self-t2048": Row("whiten, self, 16 x 2048 calibration tokens", {"calib_samples": 16, "calib_seq_len": 2048},
-                             ablation=True),
-    "whiten-self-sw10": Row("whiten, self, score weight 10", {"score_weight": 10.0}, ablation=True),
-    "whiten-self-sw100": Row("whiten, self, score weight 100", {"score_weight": 100.0}, ablation=True),
-    "heal-self-1M": Row("healed 1M on teacher text (default)", heal={"tokens": "1M"}),
-    "heal-self-4M": Row("healed 4M on teacher text (default)", heal={"tokens": "4M"}),
-    "heal-wiki-4M": Row("healed 4M on WikiText-2", heal={"tokens": "4M", "data": (WIKI_CALIB,)}, ablation=True),
-    "heal-mix-4M": Row("healed 4M on teacher text + WikiText-2", heal={"tokens": "4M", "data": ("self", WIKI_CALIB)},
+    "heal-1M": Row("default, healed 1M tokens", heal={"tokens": "1M"}),
+    "heal-4M": Row("default, healed 4M tokens (default heal)", heal={"tokens": "4M"}),
+    "heal-16M": Row("default, healed 16M tokens", heal={"tokens": "16M"}, ablation=True),
+    "heal-4M-closed": Row("closed form, healed 4M tokens", CLOSED, heal={"tokens": "4M"}, ablation=True),
+    "heal-4M-all": Row("default, healed 4M tokens, every weight trained", heal={"tokens": "4M", "train": "all"},
                        ablation=True),
-    "heal-wiki-1M": Row("healed 1M on WikiText-2", heal={"tokens": "1M", "data": (WIKI_CALIB,)}, ablation=True),
-    "heal-self-4M-all": Row("healed 4M on teacher text, every weight trained", heal={"tokens": "4M", "train": "all"},
-                            ablation=True),
-    "heal-self-1M-lr1e-3": Row("healed 1M on teacher text, lr 1e-3", heal={"tokens": "1M", "lr": 1e-3}, ablation=True),
 }
 HEAL_DEFAULTS = {"batch_size": 8, "seq_len": 2048, "checkpoint_every": 0, "overwrite": True, "gradient_checkpointing": False}
 
@@ -104,14 +103,21 @@ def evaluate(model: Any, windows: dict[str, torch.Tensor], args: argparse.Namesp
 
 
 def options_for(row: Row, budget: float, geo: Geometry, args: argparse.Namespace) -> ConvertOptions:
-    opts = {"dtype": "float32", "device": args.device, "rope_dim": args.rope_dim,
-            "kv_lora_rank": int(budget * geo.kv_values) - args.rope_dim, **row.options}
+    """The row's options at `budget`: a fixed rotary width takes the rest of the budget as R, else the budget is
+    split as the tool splits it."""
+    opts = {"dtype": "float32", "device": args.device, **row.options}
+    if "rope_dim" in opts:
+        opts["kv_lora_rank"] = int(budget * geo.kv_values) - opts["rope_dim"]
+    else:
+        opts["kv_budget"] = budget
     return ConvertOptions(**opts)
 
 
 def training_free(source: Any, row: Row, budget: float, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     geo = Geometry.of(source.config)
     options = options_for(row, budget, geo, args).resolved(geo)
+    if row.export:
+        return exported(row, budget, options, args)
     settings = LayerSettings.of(options, **row.settings)
     ids = None
     if options.method == "svd" and row.options.get("rope_select") == "norm":  # MHA2MLA: norms of activations
@@ -120,18 +126,38 @@ def training_free(source: Any, row: Row, budget: float, args: argparse.Namespace
         ids = calibration_ids(source, replace(options, calib_sources=(WIKI_CALIB,)))
     began = time.perf_counter()
     model, sizes = convert_in_memory(source, options, settings, ids)
-    record = {"convert_s": time.perf_counter() - began, "ranks": sizes.ranks,
-              "calibration": {"sources": list(options.calib_sources) or ["self"], "samples": options.calib_samples}}
+    record = {"convert_s": time.perf_counter() - began, "ranks": sizes.ranks, "rope_dim": sizes.rope_dim,
+              "split": sizes.losses and {str(k): v for k, v in sizes.losses.items()},
+              "calibration": {"sources": list(options.calib_sources) or ["self"], "samples": options.calib_samples,
+                              "seed": options.calib_seed}, "refine_steps": options.refine_steps}
     return model, record
 
 
+def exported(row: Row, budget: float, options: ConvertOptions, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """`convert --format deepseek` with the row's options, loaded as stock transformers DeepSeek-V3."""
+    from transmla.workflows import convert_deepseek
+
+    out = args.work / "deepseek"
+    began = time.perf_counter()
+    report = convert_deepseek(args.model, out, replace(options, overwrite=True), progress=args.progress)
+    seconds = time.perf_counter() - began
+    model, _ = load_model(str(out), device=args.device)
+    config = json.loads((out / "config.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    return model, {"convert_s": seconds, "ranks": [report.kv_lora_rank] * config["num_hidden_layers"],
+                   "rope_dim": config["qk_rope_head_dim"], "model_type": config["model_type"]}
+
+
 def healed(row: Row, budget: float, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """The default conversion at `budget` (made once per budget), healed as the row says."""
+    """The row's conversion at `budget` (made once per budget and options), healed as the row says."""
     source = open_source(args.model)
     geo = Geometry.of(source.config)
-    base = args.work / f"converted-{budget:g}"
+    options = options_for(row, budget, geo, args)
+    base = args.work / f"converted-{budget:g}-{abs(hash(json.dumps(row.options, sort_keys=True))) % 10**8}"
+    began = time.perf_counter()
     if not (base / "config.json").is_file():
-        convert(args.model, base, replace(options_for(Row(""), budget, geo, args), overwrite=True), progress=False)
+        convert(args.model, base, replace(options, overwrite=True), progress=False)
+    convert_s = time.perf_counter() - began
     spec = {**HEAL_DEFAULTS, **row.heal}
     spec["tokens"] = max(1, int(parse_tokens(spec["tokens"]) * args.heal_scale))
     out = args.work / "healed"
@@ -140,10 +166,11 @@ def healed(row: Row, budget: float, args: argparse.Namespace) -> tuple[Any, dict
     wall = time.perf_counter() - began
     model, _ = load_model(str(out), device=args.device)
     shutil.rmtree(out, ignore_errors=True)
-    ranks = json.loads((base / "config.json").read_text())["kv_lora_rank"]
-    record = {"ranks": ranks, "heal_s": wall, "train_s": result.seconds, "tokens": result.tokens, "steps": result.steps,
+    config = json.loads((base / "config.json").read_text())
+    record = {"ranks": config["kv_lora_rank"], "rope_dim": config["qk_rope_head_dim"], "convert_s": convert_s,
+              "heal_s": wall, "train_s": result.seconds, "tokens": result.tokens, "steps": result.steps,
               "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "data": result.data,
-              "lr": spec.get("lr", HealOptions.lr), "history": result.history}
+              "lr": spec.get("lr", HealOptions.lr), "history": result.history[-1:]}
     return model, record
 
 
@@ -166,24 +193,25 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "",
         f"Perplexity ratio to the original on the first {args.max_windows} windows of 2048 tokens of each domain's "
         f"test text ({base['eval_dtype']}, {base['device']}); `worst` is the largest ratio over the domains, `mean` their geometric "
-        f"mean, `dev worst` the same on the dev texts (used to choose settings). D = {args.rope_dim}.",
+        f"mean, `dev worst` the same on the dev texts (used to choose settings). D: the shared rotary key, R: the "
+        "latent (per layer).",
         "",
-        f"| row | KV kept | R | {heads} | mean | worst | dev worst | seconds |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in domains.DOMAINS) + " | --- | --- | --- | --- |",
+        f"| row | KV kept | D | R | {heads} | mean | worst | dev worst | seconds |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in domains.DOMAINS) + " | --- | --- | --- | --- |",
     ]
-    lines.append("| original | 100% | - | " + " | ".join(f"{base['ppl'][f'{d}/test']:.2f}" for d in domains.DOMAINS)
+    lines.append("| original | 100% | - | - | " + " | ".join(f"{base['ppl'][f'{d}/test']:.2f}" for d in domains.DOMAINS)
                  + " | (perplexity) | | | |")
     for r in rows[1:]:
         ranks = r["ranks"]
         rank = str(ranks[0]) if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
-        seconds = r.get("heal_s", r.get("convert_s", 0))
+        seconds = r.get("heal_s", 0) + r.get("convert_s", 0)
         cells = " | ".join(f"{r['ratio_test'][d]:.3f}" for d in domains.DOMAINS)
-        lines.append(f"| {ROWS[r['row']].label} | {r['budget']:.0%} | {rank} | {cells} | {r['mean_test']:.3f} | "
-                     f"**{r['worst_test']:.3f}** | {r['worst_dev']:.3f} | {seconds:.0f} |")
+        lines.append(f"| {ROWS[r['row']].label} | {r['budget']:.1%} | {r.get('rope_dim', '-')} | {rank} | {cells} | "
+                     f"{r['mean_test']:.3f} | **{r['worst_test']:.3f}** | {r['worst_dev']:.3f} | {seconds:.0f} |")
     command = f"python benchmarks/generalize.py --device {args.device} --max-windows {args.max_windows} --out {args.out}"
     if args.model != "smollm2-135m":
         command += f" --model {args.model}"
-    lines += ["", f"Command: `{command}` (seconds: conversion, or the whole `heal()` call for healed rows; "
+    lines += ["", f"Command: `{command}` (seconds: the conversion, plus the whole `heal()` call for healed rows; "
               "`--rows` / `--budgets` select rows, `--render-only` redraws this page and the plot).", ""]
     (args.out / "generalize.md").write_text("\n".join(lines))
     plot(rows, args.out / "generalize.png")
@@ -220,10 +248,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--model-name", help="how the report names the model [default: --model]")
     parser.add_argument("--max-windows", type=int, default=4)
-    parser.add_argument("--rope-dim", type=int, default=ROPE_DIM, help="width D of the shared rotary key")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    parser.add_argument("--heal-budgets", nargs="+", type=float, default=[0.5, 0.25])
+    parser.add_argument("--budgets", nargs="+", type=float, help="only these of each row's budgets")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, required=True)
@@ -255,11 +281,16 @@ def main() -> None:
     base = next(r for r in rows if r["row"] == "original")
     for name in args.rows:
         row = ROWS[name]
-        for budget in args.heal_budgets if row.heal else args.budgets:
+        for budget in [b for b in row.budgets if args.budgets is None or any(math.isclose(b, x) for x in args.budgets)]:
             if any(r["row"] == name and math.isclose(r["budget"], budget) for r in rows):
                 continue
             began = time.perf_counter()
-            model, record = healed(row, budget, args) if row.heal else training_free(source, row, budget, args)
+            try:
+                model, record = healed(row, budget, args) if row.heal else training_free(source, row, budget, args)
+            except Exception:  # reported; the other rows still run
+                traceback.print_exc()
+                print(f"{name} {budget:.0%}: failed", flush=True)
+                continue
             result = {"row": name, "budget": budget, "device": device_name, **record,
                       "ppl": evaluate(model, windows, args)}
             summary(result, base)

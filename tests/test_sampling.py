@@ -88,3 +88,32 @@ def test_full_rank_conversion_samples_nothing(tmp_path, monkeypatch):
         out = convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(**{**vars(options), "overwrite": True}),
                       progress=False)
         assert load_file(out / "model.safetensors")["model.layers.0.self_attn.kv_a_proj.weight"].shape[0] == 2 * key_dims
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_draw_what_eager_steps_draw(monkeypatch):
+    import transmla.data.sampling as sampling
+
+    model = tiny_model("llama-gqa").cuda().to(torch.bfloat16)
+    graphed = sample_windows(model, 8, 300, seed=2)
+    captured = []
+    real = sampling.Sampler.capture
+    monkeypatch.setattr(sampling.Sampler, "capture", lambda self: captured.append(1) or real(self))
+    assert torch.equal(sample_windows(model, 8, 300, seed=2), graphed) and captured  # graphs were used
+    monkeypatch.setattr(sampling.Sampler, "capture", lambda self: setattr(self, "use_graphs", False))
+    assert torch.equal(sample_windows(model, 8, 300, seed=2), graphed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_same_conversion_on_a_gpu_writes_the_same_bytes(tmp_path):
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "src")
+    byte_tokenizer().save_pretrained(tmp_path / "src")
+    written = []
+    for name in ("a", "b"):
+        options = ConvertOptions(kv_budget=0.25, calib_samples=16, calib_seq_len=64, device="cuda", refine_steps=20)
+        out = convert(str(tmp_path / "src"), tmp_path / name, options, progress=False)
+        written.append((out / "model.safetensors").read_bytes())
+    assert written[0] == written[1]
