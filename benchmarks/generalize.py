@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import math
 import shutil
@@ -72,6 +73,12 @@ ROWS = {
     "closed-form": Row("ours, closed form only (--refine 0)", CLOSED, budgets=BUDGETS),
     **{f"d{d}": Row(f"closed form, D = {d} fixed", {**CLOSED, "rope_dim": d}, ablation=True) for d in (16, 32, 48, 64, 96)},
     **{f"seed{i}": Row(f"closed form, calibration seed {i}", {**CLOSED, "calib_seed": i}, ablation=True) for i in range(1, 5)},
+    "score-weight-10": Row("closed form, --score-weight 10", {**CLOSED, "score_weight": 10.0}, ablation=True),
+    "score-weight-100": Row("closed form, --score-weight 100", {**CLOSED, "score_weight": 100.0}, ablation=True),
+    "ranks-loss-d48": Row("closed form, D = 48, ranks by whitened loss", {**CLOSED, "rope_dim": 48, "rank_allocation": "loss"},
+                          budgets=(0.5,), ablation=True),
+    "ranks-loss-d32": Row("closed form, D = 32, ranks by whitened loss", {**CLOSED, "rope_dim": 32, "rank_allocation": "loss"},
+                          budgets=(0.25,), ablation=True),
     "per-frequency": Row("closed form, one rotary component per frequency", {**CLOSED, "rope_per_frequency": True},
                          budgets=(0.5,), ablation=True),
     "deepseek": Row("closed form, exported to DeepSeek-V3 (no o_proj bias)", CLOSED, budgets=(0.5,), ablation=True,
@@ -153,7 +160,8 @@ def healed(row: Row, budget: float, args: argparse.Namespace) -> tuple[Any, dict
     source = open_source(args.model)
     geo = Geometry.of(source.config)
     options = options_for(row, budget, geo, args)
-    base = args.work / f"converted-{budget:g}-{abs(hash(json.dumps(row.options, sort_keys=True))) % 10**8}"
+    key = hashlib.sha256(json.dumps(row.options, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    base = args.work / f"converted-{budget:g}-{key}"  # the same across processes, so a rerun reuses it
     began = time.perf_counter()
     if not (base / "config.json").is_file():
         convert(args.model, base, replace(options, overwrite=True), progress=False)

@@ -63,9 +63,13 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[16])
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--plain-steps", type=int, default=128, help="decode steps of the plain loop (it is slow)")
+    parser.add_argument("--model-name", help="how the report names the model [default: --model]")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--render-only", action="store_true", help="rewrite sampling.md from sampling.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.render_only:
+        return render(json.loads((args.out / "sampling.json").read_text()), args.out)
     source = open_source(args.model)
     model = source.load_model(torch.bfloat16, args.device)
     device = torch.device(args.device)
@@ -83,18 +87,26 @@ def main() -> None:
         row["speedup"] = row["ours_tokens_per_s"] / row["plain_tokens_per_s"]
         rows_out.append(row)
         print(json.dumps(row), flush=True)
+    command = (f"python benchmarks/sampling.py --device {args.device} --batches {' '.join(map(str, args.batches))} "
+               f"--seq-len {args.seq_len} --out {args.out}" + ("" if args.model == "smollm2-135m" else f" --model {args.model}"))
     record = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
-              "model": args.model, "command": " ".join(sys.argv), "rows": rows_out}
+              "model": args.model_name or args.model, "command": command, "rows": rows_out}
     (args.out / "sampling.json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = [f"# Sampling speed: {args.model} on {record['device']}", "",
-             f"Tokens per second sampling {args.seq_len}-token rows from the start token (bf16, top-p {TOP_P}); the plain "
+    render(record, args.out)
+
+
+def render(record: dict, out: Path) -> None:
+    rows_out = record["rows"]
+    seq_len = rows_out[0]["seq_len"]
+    lines = [f"# Sampling speed: {record['model']} on {record['device']}", "",
+             f"Tokens per second sampling {seq_len}-token rows from the start token (bf16, top-p {TOP_P}); the plain "
              f"loop (transformers DynamicCache, torch.multinomial) timed over its first steps, which are its fastest.",
              "", "| rows at once | ours tok/s | plain loop tok/s | speedup | same tokens twice |", "| ---: | ---: | ---: | ---: | --- |"]
     for r in rows_out:
         lines.append(f"| {r['batch']} | {r['ours_tokens_per_s']:,.0f} | {r['plain_tokens_per_s']:,.0f} | "
                      f"{r['speedup']:.1f}x | {'yes' if r['repeatable'] else 'NO'} |")
     lines += ["", f"Command: `{record['command']}` (torch {record['torch']})", ""]
-    (args.out / "sampling.md").write_text("\n".join(lines))
+    (out / "sampling.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

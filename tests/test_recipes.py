@@ -28,7 +28,8 @@ def test_recipes_exist_for_each_family():
 def test_recipe_matches_the_option_schema(path):
     values = validate_recipe(CONVERT, load_recipe(path), path)
     assert values["method"] in ("svd", "pca", "whiten")
-    assert values["rope_dim"] % 2 == 0
+    assert (values.get("rope_dim") or 0) % 2 == 0 and (values.get("kv_budget") or 0.5) <= 1
+    assert ("kv_budget" in values) != ("kv_lora_rank" in values)  # the budget's split is measured, or R is fixed
 
 
 def test_unknown_key_and_bad_value_are_refused(tmp_path):

@@ -28,16 +28,17 @@ from .budget import Sizes
 from .calibration_data import calibration_ids, check_calibration_text
 from .geometry import Geometry
 from .model_config import build_config
-from .options import CPU_CALIB_SAMPLES, GPU_CALIB_SAMPLES, ConvertOptions
+from .options import GPU_CALIB_SAMPLES, GPU_REFINE_STEPS, ConvertOptions
 from .recipe import LayerSettings
 from .rope import source_rope
 from .stream import LayerStream
 
 
 # Measured with benchmarks/generalize.py (SmolLM2-135M, half the cache, worst of four domains; README).
-CPU_CALIBRATION_NOTE = ("note: on the CPU the calibration is {samples} x {seq_len} tokens ({full} on a GPU), to finish in "
-                        "minutes; on SmolLM2-135M (self-sampled, half the cache) that cost 1.79x against 1.68x the "
-                        "original perplexity on the worst domain; --calib-samples {full} calibrates fully")
+CPU_CALIBRATION_NOTE = ("note: on a CPU the calibration reads {samples} x {seq_len} tokens ({full} on a GPU) and skips the "
+                        "refinement ({steps} steps per layer on a GPU), to finish in minutes; --calib-samples {full} "
+                        "--refine {steps} do a GPU's work here, slowly (their effect on SmolLM2-135M: "
+                        "benchmarks/results/generalize/generalize.md)")
 
 
 def convert(spec: str, out: Path, options: ConvertOptions, progress: bool = True) -> Path:
@@ -116,9 +117,10 @@ def check_before_work(source: Source, out: Path, dtype: torch.dtype) -> None:
 def print_notes(source: Source, spec: str, given: ConvertOptions, options: ConvertOptions) -> None:
     """What the user should know about this source and these options before a long run."""
     config = source.config
-    if options.calibrated and given.calib_samples is None and options.calib_samples == CPU_CALIB_SAMPLES:
-        tqdm.write(CPU_CALIBRATION_NOTE.format(samples=CPU_CALIB_SAMPLES, full=GPU_CALIB_SAMPLES,
-                                               seq_len=options.calib_seq_len))
+    if needs_text(options, Geometry.of(config)) and not str(options.device).startswith("cuda") \
+            and (given.calib_samples is None or given.refine_steps is None):
+        tqdm.write(CPU_CALIBRATION_NOTE.format(samples=options.calib_samples, full=GPU_CALIB_SAMPLES,
+                                               seq_len=options.calib_seq_len, steps=GPU_REFINE_STEPS))
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         tqdm.write(f"note: the source uses a sliding window of {config.sliding_window}; the converted model attends to the whole context")
     if source.load_tokenizer() is None:
