@@ -68,34 +68,38 @@ class Row:
 
 
 CLOSED = {"refine_steps": 0}
+BY_HAND = {0.75: (48, 64, 96, 128), 0.5: (32, 48, 64), 0.375: (32, 48, 64), 0.25: (16, 32, 48), 0.125: (16, 32)}
+SEED_SPLIT = {0.5: 48, 0.25: 32}  # the rotary width of the calibration-seed rows (the default's split at each)
+PUBLISHED_CALIB = {"calib_samples": 64}  # the baselines' calibration, as first measured
 ROWS = {
     "default": Row("ours, no data (default): split measured, refined", budgets=BUDGETS),
     "closed-form": Row("ours, closed form only (--refine 0)", CLOSED, budgets=BUDGETS),
-    **{f"d{d}": Row(f"closed form, D = {d} fixed", {**CLOSED, "rope_dim": d}, ablation=True) for d in (16, 32, 48, 64, 96)},
-    **{f"seed{i}": Row(f"closed form, calibration seed {i}", {**CLOSED, "calib_seed": i}, ablation=True) for i in range(1, 5)},
-    "score-weight-10": Row("closed form, --score-weight 10", {**CLOSED, "score_weight": 10.0}, ablation=True),
-    "score-weight-100": Row("closed form, --score-weight 100", {**CLOSED, "score_weight": 100.0}, ablation=True),
-    "ranks-loss-d48": Row("closed form, D = 48, ranks by whitened loss", {**CLOSED, "rope_dim": 48, "rank_allocation": "loss"},
-                          budgets=(0.5,), ablation=True),
-    "ranks-loss-d32": Row("closed form, D = 32, ranks by whitened loss", {**CLOSED, "rope_dim": 32, "rank_allocation": "loss"},
-                          budgets=(0.25,), ablation=True),
+    "refine-local": Row("refined against the source layer on the converted inputs, o_proj fixed",
+                        {"refine_target": "local", "refine_output": False}, ablation=True),
+    "refine-64": Row("refined on 64 calibration sequences, 4 per step, 300 steps (the earlier default)",
+                     {"calib_samples": 64, "refine_steps": 300, "refine_target": "local", "refine_output": False},
+                     ablation=True),
+    **{f"d{d}": Row(f"closed form, D = {d} fixed", {**CLOSED, "rope_dim": d}, ablation=True,
+                    budgets=tuple(b for b, ds in BY_HAND.items() if d in ds)) for d in (16, 32, 48, 64, 96, 128)},
+    **{f"seed{i}": Row(f"closed form at the default's split, calibration seed {i}", {**CLOSED, "calib_seed": i},
+                       ablation=True) for i in range(1, 5)},
     "per-frequency": Row("closed form, one rotary component per frequency", {**CLOSED, "rope_per_frequency": True},
                          budgets=(0.5,), ablation=True),
     "deepseek": Row("closed form, exported to DeepSeek-V3 (no o_proj bias)", CLOSED, budgets=(0.5,), ablation=True,
                     export=True),
     "transmla-wiki": Row("TransMLA (ours) on WikiText-2", {"method": "pca", "freqfold": 2, "calib_sources": (WIKI_CALIB,),
-                                                           "rope_dim": BASELINE_ROPE_DIM, "refine_steps": 0},
+                                                           "rope_dim": BASELINE_ROPE_DIM, "refine_steps": 0,
+                                                           **PUBLISHED_CALIB},
                          {"shrink": False}),
     "mha2mla-wiki": Row("MHA2MLA (ours) on WikiText-2", {"method": "svd", "rope_select": "norm", "rope_dim": BASELINE_ROPE_DIM},
                         {"latent_key_scale": 1.0, "shrink": False}),
     "heal-1M": Row("default, healed 1M tokens", heal={"tokens": "1M"}),
     "heal-4M": Row("default, healed 4M tokens (default heal)", heal={"tokens": "4M"}),
-    "heal-16M": Row("default, healed 16M tokens", heal={"tokens": "16M"}, ablation=True),
-    "heal-4M-closed": Row("closed form, healed 4M tokens", CLOSED, heal={"tokens": "4M"}, ablation=True),
+    "heal-16M": Row("default, healed 16M tokens", heal={"tokens": "16M"}),
     "heal-4M-all": Row("default, healed 4M tokens, every weight trained", heal={"tokens": "4M", "train": "all"},
                        ablation=True),
 }
-HEAL_DEFAULTS = {"batch_size": 8, "seq_len": 2048, "checkpoint_every": 0, "overwrite": True, "gradient_checkpointing": False}
+HEAL_DEFAULTS = {"checkpoint_every": 0, "overwrite": True}  # otherwise the tool's defaults for the device
 
 
 def texts(tokenizer: Any, max_windows: int) -> dict[str, torch.Tensor]:
@@ -113,6 +117,8 @@ def options_for(row: Row, budget: float, geo: Geometry, args: argparse.Namespace
     """The row's options at `budget`: a fixed rotary width takes the rest of the budget as R, else the budget is
     split as the tool splits it."""
     opts = {"dtype": "float32", "device": args.device, **row.options}
+    if "calib_seed" in opts:
+        opts["rope_dim"] = SEED_SPLIT[budget]
     if "rope_dim" in opts:
         opts["kv_lora_rank"] = int(budget * geo.kv_values) - opts["rope_dim"]
     else:
@@ -125,12 +131,19 @@ def training_free(source: Any, row: Row, budget: float, args: argparse.Namespace
     options = options_for(row, budget, geo, args).resolved(geo)
     if row.export:
         return exported(row, budget, options, args)
+    if not row.settings and not row.options:  # the default: written once, loaded here and healed by the heal rows
+        base, convert_s = converted_folder(row, budget, args)
+        model, _ = load_model(str(base), device=args.device)
+        config = json.loads((base / "config.json").read_text())
+        return model, {"convert_s": convert_s, "ranks": config["kv_lora_rank"], "rope_dim": config["qk_rope_head_dim"],
+                       "split": config["conversion"].get("kv_budget_split"), "refine_steps": options.refine_steps,
+                       "calibration": {"sources": ["self"], "samples": options.calib_samples, "seed": options.calib_seed}}
     settings = LayerSettings.of(options, **row.settings)
     ids = None
     if options.method == "svd" and row.options.get("rope_select") == "norm":  # MHA2MLA: norms of activations
         from transmla.convert.calibration_data import calibration_ids
 
-        ids = calibration_ids(source, replace(options, calib_sources=(WIKI_CALIB,)))
+        ids = calibration_ids(source, replace(options, calib_sources=(WIKI_CALIB,), **PUBLISHED_CALIB))
     began = time.perf_counter()
     model, sizes = convert_in_memory(source, options, settings, ids)
     record = {"convert_s": time.perf_counter() - began, "ranks": sizes.ranks, "rope_dim": sizes.rope_dim,
@@ -155,17 +168,22 @@ def exported(row: Row, budget: float, options: ConvertOptions, args: argparse.Na
                    "rope_dim": config["qk_rope_head_dim"], "model_type": config["model_type"]}
 
 
-def healed(row: Row, budget: float, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """The row's conversion at `budget` (made once per budget and options), healed as the row says."""
+def converted_folder(row: Row, budget: float, args: argparse.Namespace) -> tuple[Path, float]:
+    """The row's conversion at `budget`, written once per budget and options under the work folder (so that the
+    default's training-free row and its heal rows share it), and the seconds it took (0 when reused)."""
     source = open_source(args.model)
-    geo = Geometry.of(source.config)
-    options = options_for(row, budget, geo, args)
+    options = options_for(row, budget, Geometry.of(source.config), args)
     key = hashlib.sha256(json.dumps(row.options, sort_keys=True, default=str).encode()).hexdigest()[:12]
     base = args.work / f"converted-{budget:g}-{key}"  # the same across processes, so a rerun reuses it
     began = time.perf_counter()
     if not (base / "config.json").is_file():
         convert(args.model, base, replace(options, overwrite=True), progress=False)
-    convert_s = time.perf_counter() - began
+    return base, time.perf_counter() - began
+
+
+def healed(row: Row, budget: float, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The row's conversion at `budget` (made once per budget and options), healed as the row says."""
+    base, convert_s = converted_folder(row, budget, args)
     spec = {**HEAL_DEFAULTS, **row.heal}
     spec["tokens"] = max(1, int(parse_tokens(spec["tokens"]) * args.heal_scale))
     out = args.work / "healed"
@@ -222,7 +240,10 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     lines += ["", f"Command: `{command}` (seconds: the conversion, plus the whole `heal()` call for healed rows; "
               "`--rows` / `--budgets` select rows, `--render-only` redraws this page and the plot).", ""]
     (args.out / "generalize.md").write_text("\n".join(lines))
-    plot(rows, args.out / "generalize.png")
+    try:
+        plot(rows, args.out / "generalize.png")
+    except ImportError:  # a machine without matplotlib: `--render-only` draws it elsewhere
+        print("matplotlib is not installed: generalize.png not drawn", flush=True)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -264,6 +285,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="scratch folder for checkpoints of healed rows [default: OUT/work]")
     parser.add_argument("--heal-scale", type=float, default=1.0, help="scale every healing token budget (smoke tests)")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--keep-work", action="store_true", help="keep the work folder (conversions that later heal rows reuse)")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +332,8 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             save()
-    shutil.rmtree(args.work, ignore_errors=True)
+    if not args.keep_work:
+        shutil.rmtree(args.work, ignore_errors=True)
 
 
 if __name__ == "__main__":

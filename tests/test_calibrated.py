@@ -158,7 +158,7 @@ def test_layerwise_driver_keeps_one_layer_and_feeds_converted_layers(sources, ca
     sizes = stream.sizes()
     runners = []
     original = stream._runner
-    stream._runner = lambda: runners.append(original()) or runners[-1]
+    stream._runner = lambda **kw: runners.append(original(**kw)) or runners[-1]
     layers = list(stream.layers(sizes))
     runner = runners[0]
     states = [t for t in vars(runner).values() if isinstance(t, torch.Tensor) and t.dim() == 3]

@@ -18,7 +18,7 @@ from transmla.heal.run import select_trainable
 from transmla.workflows import convert_and_heal
 from transmla.heal.checkpoint import checkpoints, default_work_dir
 from transmla.heal.data import WindowStream, pack, parse_tokens, tokenize_documents
-from transmla.heal.loss import distillation_loss
+from transmla.heal.loss import distillation_loss, hidden_distillation_loss
 
 WORDS = ("the latent cache holds a small vector per token while every head reads keys and values from it "
          "attention rotary position model layer weight query value key shared group").split()
@@ -88,6 +88,19 @@ def test_distillation_loss():
     assert both.item() == pytest.approx(kl.item() + 0.5 * ce.item(), rel=1e-5)
     wide, _ = distillation_loss(logits, torch.cat([other, torch.full((2, 5, 3), -1e4)], -1), ids)
     assert wide.item() == pytest.approx(kl.item(), rel=1e-5)  # a padded teacher vocabulary is cut to the student's
+
+
+def test_chunked_distillation_loss_equals_the_whole_one():
+    """The KL from hidden states, a few tokens at a time, is the KL of the full logits, and so is its gradient."""
+    torch.manual_seed(0)
+    student_head, teacher_head = torch.nn.Linear(8, 11, bias=False), torch.nn.Linear(8, 13, bias=False)
+    hidden, teacher_hidden = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8)
+    whole, _ = distillation_loss(student_head(hidden), teacher_head(teacher_hidden), torch.zeros(2, 5, dtype=torch.long),
+                                 temperature=2.0)
+    expected = torch.autograd.grad(whole, hidden)[0]
+    chunked, parts = hidden_distillation_loss(hidden, student_head, teacher_hidden, teacher_head, 2.0, chunk_tokens=3)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6) and parts["kl"].item() == chunked.item()
+    assert (torch.autograd.grad(chunked, hidden)[0] - expected).abs().max().item() < 1e-6
 
 
 def test_data_helpers():

@@ -49,6 +49,8 @@ def convert(
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help=f"Fraction of the source's KV cache to keep (default {DEFAULT_KV_BUDGET} when neither -r nor -d is given): D (unless --rope-dim) chosen by the held-out attention error it causes, measured on calibration text; R per layer with --rank-allocation loss or energy."),
     refine: Optional[int] = typer.Option(None, "--refine", metavar="STEPS", help=f"pca/whiten: gradient steps per layer on its attention-output error against the source layer, after the closed-form fit (default: {GPU_REFINE_STEPS} on a GPU, 0 on a CPU)."),
     refine_lr: float = typer.Option(default("refine_lr"), "--refine-lr", help="Learning rate of --refine, relative to each tensor's RMS."),
+    refine_target: str = typer.Option(default("refine_target"), "--refine-target", help="What --refine fits each layer to: residual (the source model's residual stream after the layer's attention, so that a layer also undoes the drift of the layers before it) or local (the source layer's output on the converted inputs)."),
+    refine_output: bool = typer.Option(default("refine_output"), "--refine-o-proj/--no-refine-o-proj", help="Whether --refine also trains o_proj's weight."),
     output_bias: bool = typer.Option(default("output_bias"), "--output-bias/--no-output-bias", help="whiten: move the mean value error into an o_proj bias (--no-output-bias: fit it in the latent instead, as stock DeepSeek-V3 serving needs; implied by --format deepseek)."),
     export_format: str = typer.Option("ours", "--format", help="ours (the transmla format) or deepseek (stock DeepSeek-V3 for vLLM, SGLang and transformers; one rotary component per frequency; see docs/serving.md)."),
 ) -> None:
@@ -100,5 +102,6 @@ def convert_options(values: dict[str, Any]) -> ConvertOptions:
         score_weight=float(values["score_weight"]), rope_select=values["rope_select"],
         freqfold=fold if fold == "auto" else int(fold), rank_allocation=values["rank_allocation"],
         kv_budget=values["kv_budget"], refine_steps=values["refine"], refine_lr=values["refine_lr"],
+        refine_target=values["refine_target"], refine_output=values["refine_output"],
         output_bias=values["output_bias"],
     )

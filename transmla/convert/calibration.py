@@ -80,23 +80,35 @@ class LayerwiseRunner:
 
     def __init__(self, tensors: TensorSource, config: Any, input_ids: torch.LongTensor, inv_freq: torch.Tensor,
                  scaling: float, device: str | torch.device = "cpu", chunk_tokens: int = 4096,
-                 offload: str = "auto", scratch_dir: Path | None = None) -> None:
+                 offload: str = "auto", scratch_dir: Path | None = None, track_source: bool = False) -> None:
         self.tensors, self.config, self.device = tensors, config, torch.device(device)
         self.scaling = scaling
         self.samples, self.length = input_ids.shape
         self.batch = max(1, chunk_tokens // self.length)
         embed = tensors.get("model.embed_tokens.weight")  # source dtype: only the looked-up rows become float32
         shape = (self.samples, self.length, embed.shape[1])
-        self.hidden = hidden_buffer(shape, self.device, offload, scratch_dir)  # [N, T, h]
+        self.hidden = self.buffer(shape, offload, scratch_dir)  # [N, T, h]
         for start in range(0, self.samples, self.batch):
             self.hidden[start:start + self.batch] = embed[input_ids[start:start + self.batch].to(embed.device)].float()
         del embed
+        # the source model's own hidden states beside the converted ones (for targets that undo the drift)
+        self.source_hidden = None
+        if track_source:
+            self.source_hidden = self.buffer(shape)
+            self.source_hidden.copy_(self.hidden)
         self.positions = torch.arange(self.length, device=self.device)[None]
         cos, sin = SharedRotary(inv_freq.tolist(), scaling).cos_sin(self.positions, torch.float32)
         self.cos, self.sin = cos[0], sin[0]  # [T, d]
         self.mask = causal_mask(self.length, self.device)
         # The value refit solves (R+1)-wide least squares per group: REFIT_TOKENS queries are ample.
         self.refit_samples = max(1, min(self.samples, REFIT_TOKENS // self.length))
+
+    def buffer(self, shape: tuple[int, int, int] | None = None, offload: str | None = None,
+               scratch_dir: Path | None = None) -> torch.Tensor:
+        """A float32 buffer shaped like the hidden states (or `shape`), where they would live (`hidden_buffer`)."""
+        if offload is not None:
+            self._placement = (offload, scratch_dir)
+        return hidden_buffer(shape or tuple(self.hidden.shape), self.device, *self._placement)
 
     def norm(self, layer: int, name: str = "input_layernorm") -> TransMLARMSNorm:
         """The source's RMSNorm `name` of layer l, as the converted model runs it."""
@@ -220,15 +232,20 @@ class LayerwiseRunner:
         return up_value, torch.einsum("hxd,hd->x", o_heads.to(sol), sol[..., rank][gh])
 
     @torch.no_grad()
-    def advance_source(self, layer: int, src: SourceAttention, o_bias: torch.Tensor | None) -> None:
-        """Run the source's own layer l on the hidden states (for a pass that only measures)."""
+    def advance_source(self, layer: int, src: SourceAttention, o_bias: torch.Tensor | None, tracked: bool = False) -> None:
+        """Run the source's own layer l on the hidden states (for a pass that only measures), or with `tracked` on
+        the source model's own hidden states that a converting pass carries beside its converted ones."""
+        buffer = self.source_hidden if tracked else self.hidden
         src32 = _to(src, torch.float32, self.device)
         post, mlp = self.norm(layer, "post_attention_layernorm"), self.mlp(layer)
         ob = None if o_bias is None else o_bias.to(self.device, torch.float32)
-        for rows, x in self.chunks(layer):
-            _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin, self.mask)
-            hidden = self.hidden[rows].to(self.device) + F.linear(out, src32.o, ob)
-            self.hidden[rows] = (hidden + mlp(post(hidden))).to(self.hidden.device)
+        norm = self.norm(layer)
+        for start in range(0, self.samples, self.batch):
+            rows = slice(start, min(start + self.batch, self.samples))
+            hidden = buffer[rows].to(self.device)
+            _, out = source_attention_probs(src32, src32.inputs(norm(hidden)), self.cos, self.sin, self.mask)
+            hidden = hidden + F.linear(out, src32.o, ob)
+            buffer[rows] = (hidden + mlp(post(hidden))).to(buffer.device)
 
     def mlp(self, layer: int) -> TransMLAMLP:
         """The source's MLP of layer l, as the converted model runs it."""

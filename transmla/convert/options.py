@@ -10,6 +10,7 @@ from transmla.errors import TransMLAError
 from transmla.io.converted import parse_dtype
 
 from .geometry import Geometry
+from .refine import TARGETS as REFINE_TARGETS
 from .rope import ROPE_SELECTIONS
 
 METHODS = ("svd", "pca", "whiten")
@@ -18,8 +19,10 @@ ALLOCATIONS = ("uniform", "energy", "loss")
 OFFLOAD_MODES = ("auto", "never", "always")
 FREQFOLD_AUTO = (1, 2, 4)  # the folds that `--freqfold auto` tries per layer
 DEFAULT_KV_BUDGET = 0.5  # calibrated, no sizes given: half the source's KV cache, D and R chosen by measured loss
-GPU_CALIB_SAMPLES = 64  # calibration sequences by default on a GPU
-GPU_REFINE_STEPS = 300  # refinement steps per layer by default on a GPU (none on a CPU: minutes per layer)
+GPU_CALIB_SAMPLES = 256  # calibration sequences by default on a GPU
+GPU_REFINE_STEPS = 200  # refinement steps per layer by default on a GPU (none on a CPU: minutes per layer)
+GPU_REFINE_BATCH = 32  # calibration sequences per refinement step on a GPU (a step costs about the same at 4)
+CPU_REFINE_BATCH = 4  # ... and on a CPU, where a step costs its arithmetic
 CPU_CALIB_SAMPLES = 16  # ... and on a CPU, where sampling and calibrating cost minutes (its cost: README)
 
 
@@ -50,6 +53,8 @@ class ConvertOptions:
     refit_values: bool = True  # whiten: least-squares value up-projection under the converted attention
     refine_steps: int | None = None  # calibrated: gradient steps per layer on its attention error (None: by device)
     refine_lr: float = 1e-3  # relative to each tensor's RMS
+    refine_target: str = "residual"  # local | residual (refine.py; measured: docs/calibration.md)
+    refine_output: bool = True  # o_proj's weight refines too
     output_bias: bool = True  # whiten: an o_proj bias for the mean value error (off: stock DeepSeek-V3 can serve it)
     max_shard_bytes: int = 5 * 2**30
     overwrite: bool = False
@@ -88,6 +93,11 @@ class ConvertOptions:
         options.check(geo)
         return options
 
+    @property
+    def refine_batch(self) -> int:
+        """Calibration sequences per refinement step on this device."""
+        return GPU_REFINE_BATCH if str(self.device).startswith("cuda") else CPU_REFINE_BATCH
+
     def sources(self) -> list[TextSource]:
         """The calibration mixture (the model's own samples when none is named)."""
         return parse_sources(self.calib_sources)
@@ -111,6 +121,8 @@ class ConvertOptions:
             raise TransMLAError(f"--refine {self.refine_steps} must be a number of steps, 0 or more")
         if self.refine_steps and not self.calibrated:
             raise TransMLAError(f"--refine needs calibration text: use --method whiten or pca, not {self.method}")
+        if self.refine_target not in REFINE_TARGETS:
+            raise TransMLAError(f"--refine-target {self.refine_target!r} is not one of {', '.join(REFINE_TARGETS)}")
         if not self.refine_lr > 0:
             raise TransMLAError(f"--refine-lr {self.refine_lr} must be positive")
         if self.score_weight <= 0:

@@ -3,14 +3,24 @@ r"""Local refinement of one converted layer: gradient steps on its new factors a
 The closed-form fit (`whiten`, the value refit) minimises second-order proxies of the attention error: it does
 not see the softmax. Refinement minimises the error itself, the relative mean square
 
-    L = E_t |o_conv(x_t) - o_src(x_t)|^2 / E_t |o_src(x_t)|^2
+    L = E_t |o_conv(x_t) - y_t|^2 / E_t |y_t|^2
 
-between the converted attention's output (after o_proj) and the source layer's on the same inputs x (the
-hidden states that the already converted layers 0..l-1 produce, normalised), over q_proj, kv_a_proj and
-kv_b_proj (and o_proj's bias where the fit made one; o_proj's weight and everything outside attention stay
-the source's). Adam with a cosine schedule, over
-random calibration sequences drawn from a seeded generator. The last `HOLD_OUT` share of the sequences is never
-trained on: the layer keeps the refined factors only if they lower the loss there.
+between the converted attention's output (after o_proj) on the inputs x that the already converted layers 0..l-1
+produce (normalised) and a target y, over q_proj, kv_a_proj and kv_b_proj (and o_proj's bias where the fit made
+one; with `train_output`, o_proj's weight too; everything outside attention stays the source's). The target is
+
+* `local`: the source layer's attention output on the same inputs x;
+* `residual`: the source layer's attention output on the source model's own inputs (the hidden states of the
+  unconverted layers 0..l-1, carried beside the converted ones), plus the drift itself (source hidden state
+  minus converted hidden state): the converted residual stream after attention is fitted to the source's, so
+  that a layer also learns to undo what the layers before it lost (sequential targets, as in AA-SVD).
+
+(The source layer's output on the source inputs without the drift term measured worse than `local` on the dev
+texts; docs/calibration.md.)
+
+Adam with a cosine schedule, over random calibration sequences drawn from a seeded generator. The last
+`HOLD_OUT` share of the sequences is never trained on: the layer keeps the refined factors only if they lower
+the loss there. Targets are computed once per layer (they do not change while the layer trains).
 """
 
 from __future__ import annotations
@@ -26,16 +36,24 @@ from .attention import SourceAttention
 
 TRAINED = ("q_proj", "kv_a_proj", "kv_b_proj")
 HOLD_OUT = 0.125  # share of the calibration sequences that only measures
+TARGETS = ("local", "residual")
 
 
 @dataclass
 class RefineSettings:
-    """How many steps, at which learning rate, on how many calibration sequences per step."""
+    """How many steps, at which learning rate, on how many calibration sequences per step, against which target."""
 
     steps: int
     lr: float = 1e-3  # relative: each tensor's step is scaled by its RMS (Adam's update is about lr * RMS)
     batch: int = 4
     seed: int = 0
+    target: str = "residual"
+    train_output: bool = True  # o_proj's weight trains too
+
+    @property
+    def tracks_source(self) -> bool:
+        """Whether the calibration must also carry the source model's own hidden states."""
+        return self.steps > 0 and self.target != "local"
 
 
 @dataclass
@@ -56,12 +74,15 @@ def refine_layer(runner: Any, layer: int, src: SourceAttention, attention: dict[
     if train_rows < 1:
         return attention, RefineReport(math.nan, math.nan, False)
     src32 = src.to(runner.device, torch.float32)
-    measure = lambda: relative_error(runner, layer, module, src32, range(train_rows, runner.samples))  # noqa: E731
+    norm = runner.norm(layer)
+    targets = layer_targets(runner, layer, src32, settings.target)  # [N, T, hidden]
+    measure = lambda: relative_error(runner, norm, module, targets, range(train_rows, runner.samples))  # noqa: E731
     before = measure()
-    params = {name: p for name, p in module.named_parameters() if name.split(".")[0] in TRAINED or name == "o_proj.bias"}
+    trained = TRAINED + (("o_proj",) if settings.train_output else ())
+    params = {name: p for name, p in module.named_parameters() if name.split(".")[0] in trained or name == "o_proj.bias"}
     scales = {name: float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12)) for name, p in params.items()}
     optimizer = torch.optim.Adam([{"params": [p], "lr": settings.lr * scales[n]} for n, p in params.items()],
-                                 betas=(0.9, 0.99))
+                                 betas=(0.9, 0.99), fused=runner.device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps)))
     for p in module.parameters():
@@ -69,14 +90,12 @@ def refine_layer(runner: Any, layer: int, src: SourceAttention, attention: dict[
     for p in params.values():
         p.requires_grad_(True)
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + layer)
-    norm = runner.norm(layer)
+    energy = float(targets[:train_rows].double().pow(2).mean().clamp_min(1e-30))
     with torch.enable_grad():
         for _ in range(settings.steps):
             rows = torch.randint(train_rows, (min(settings.batch, train_rows),), generator=generator)
             x = norm(runner.hidden[rows].to(runner.device))
-            with torch.no_grad():
-                target, scale = source_output(runner, src32, x)
-            loss = (attention_output(runner, module, x) - target).pow(2).mean() / scale
+            loss = (attention_output(runner, module, x) - targets[rows].to(runner.device)).pow(2).mean() / energy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -90,13 +109,27 @@ def refine_layer(runner: Any, layer: int, src: SourceAttention, attention: dict[
     return refined, RefineReport(before, after, True)
 
 
-def source_output(runner: Any, src32: SourceAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The source attention's output after o_proj (without its bias) on x, and its mean square."""
+@torch.no_grad()
+def layer_targets(runner: Any, layer: int, src32: SourceAttention, target: str) -> torch.Tensor:
+    """The target y of every calibration sequence [N, T, hidden] (float32, where the hidden states live)."""
+    inputs = runner.hidden if target == "local" else runner.source_hidden
+    norm = runner.norm(layer)
+    out = runner.buffer()
+    for start in range(0, runner.samples, runner.batch):
+        rows = slice(start, min(start + runner.batch, runner.samples))
+        y = source_output(runner, src32, norm(inputs[rows].to(runner.device)))
+        if target == "residual":
+            y = y + (runner.source_hidden[rows] - runner.hidden[rows]).to(y)
+        out[rows] = y.to(out.device)
+    return out
+
+
+def source_output(runner: Any, src32: SourceAttention, x: torch.Tensor) -> torch.Tensor:
+    """The source attention's output after o_proj (without its bias) on x."""
     from .calibration import source_attention_probs
 
     _, out = source_attention_probs(src32, src32.inputs(x), runner.cos, runner.sin, runner.mask)
-    target = F.linear(out, src32.o)
-    return target, target.pow(2).mean().clamp_min(1e-30)
+    return F.linear(out, src32.o)
 
 
 def attention_output(runner: Any, module: Any, x: torch.Tensor) -> torch.Tensor:
@@ -106,13 +139,12 @@ def attention_output(runner: Any, module: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def relative_error(runner: Any, layer: int, module: Any, src32: SourceAttention, rows: range) -> float:
+def relative_error(runner: Any, norm: Any, module: Any, targets: torch.Tensor, rows: range) -> float:
     """L on the calibration sequences `rows`."""
-    norm = runner.norm(layer)
     total = energy = 0.0
     for start in range(rows.start, rows.stop, runner.batch):
-        x = norm(runner.hidden[start:min(start + runner.batch, rows.stop)].to(runner.device))
-        target, _ = source_output(runner, src32, x)
-        total += float((attention_output(runner, module, x) - target).double().pow(2).sum())
+        part = slice(start, min(start + runner.batch, rows.stop))
+        target = targets[part].to(runner.device)
+        total += float((attention_output(runner, module, norm(runner.hidden[part].to(runner.device))) - target).double().pow(2).sum())
         energy += float(target.double().pow(2).sum())
     return total / max(energy, 1e-30)

@@ -50,7 +50,8 @@ class LayerStream:
         self.device = torch.device(options.device)
         self.inv_freq, self.scaling = source_rope(source.config)
         self.progress, self.scratch_dir = progress, scratch_dir
-        self.refine_settings = RefineSettings(options.refine_steps or 0, options.refine_lr, seed=options.calib_seed)
+        self.refine_settings = RefineSettings(options.refine_steps or 0, options.refine_lr, options.refine_batch,
+                                              options.calib_seed, options.refine_target, options.refine_output)
         self.refined: list[RefineReport] = []
 
     @property
@@ -70,7 +71,8 @@ class LayerStream:
                                     "temperature": o.calib_temperature, "sampled": sampling_record(self.source, o)},
                     "query_shrink": self.settings.shrink}
             if o.refine_steps:
-                out |= {"refine": {"steps": o.refine_steps, "lr": o.refine_lr}}
+                out |= {"refine": {"steps": o.refine_steps, "lr": o.refine_lr, "batch": o.refine_batch,
+                                   "target": o.refine_target, "o_proj": o.refine_output}}
             if o.method == "whiten":
                 out |= {"score_weight": self.settings.score_weight, "refit_values": o.refit_values,
                         "output_bias": self.settings.output_bias}
@@ -98,7 +100,7 @@ class LayerStream:
 
     def layers(self, sizes: Sizes) -> Iterator[tuple[int, dict[str, torch.Tensor], list[float]]]:
         """(layer, converted attention tensors with o_proj's own bias, rotary inverse frequencies)."""
-        runner = self._runner()
+        runner = self._runner(track_source=self.refine_settings.tracks_source)
         with tqdm(range(self.geo.layers), desc="converting layers", disable=not self.progress) as bar:
             for layer in bar:
                 yield self._layer(runner, layer, sizes)
@@ -121,6 +123,8 @@ class LayerStream:
         if o_bias is not None:
             converted["o_proj.bias"] = converted.get("o_proj.bias", 0) + o_bias.to(converted["o_proj.weight"])
         if runner is not None:
+            if runner.source_hidden is not None:
+                runner.advance_source(layer, src, o_bias, tracked=True)
             runner.advance(layer, converted, rank, freqs)  # layer l+1's inputs, as the converted layer makes them
         return layer, converted, freqs
 
@@ -172,11 +176,12 @@ class LayerStream:
                        f"summed over {len(layers)} layers: {listed})")
         return best, {d: scores[d] for d in sorted(scores)}
 
-    def _runner(self) -> LayerwiseRunner | None:
+    def _runner(self, track_source: bool = False) -> LayerwiseRunner | None:
         if not self.calibrated:
             return None
         return LayerwiseRunner(self.source.tensors, self.source.config, self.ids, self.inv_freq, self.scaling,
-                               self.device, offload=self.options.calib_offload, scratch_dir=self.scratch_dir)
+                               self.device, offload=self.options.calib_offload, scratch_dir=self.scratch_dir,
+                               track_source=track_source)
 
     def _read(self, layer: int) -> tuple[SourceAttention, torch.Tensor | None]:
         src, o_bias = read_attention(self.source.tensors, layer, self.geo)

@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import TrainState, checkpoint_path, mark_complete
 from .data import Windows, WindowStream
-from .loss import distillation_loss
+from .loss import distillation_loss, hidden_distillation_loss
 
 if TYPE_CHECKING:
     from .options import HealOptions
@@ -46,6 +46,19 @@ def mean_nll(model: Any, windows: torch.LongTensor, batch_size: int, accelerator
     return (totals[0] / totals[1]).item()
 
 
+def hidden_paths(*models: Any) -> tuple[tuple[Any, Any], ...] | None:
+    """(decoder, output head) of each causal LM, or None where one has no such split or changes its logits after
+    the head (e.g. final soft-capping)."""
+    paths = []
+    for model in models:
+        body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+        config = model.config.get_text_config()
+        if body is None or head is None or getattr(config, "final_logit_softcapping", None):
+            return None
+        paths.append((body, head))
+    return tuple(paths)
+
+
 class TrainingLoop:
     """The optimisation loop: micro-batches, accumulation, logging, evaluation and checkpoints."""
 
@@ -58,6 +71,27 @@ class TrainingLoop:
         self.total_steps, self.tokens_per_step, self.on_step = total_steps, tokens_per_step, on_step
         self.stream = WindowStream(windows.train, options.batch_size, options.seed, accelerator.process_index, accelerator.num_processes)
         self.saved_step = state.step
+        # One process and the KL alone: the KL from both models' final hidden states, a chunk of tokens at a time.
+        # (Several processes call the wrapped student as a whole, so that its gradients are synchronised.)
+        self.heads = None
+        if accelerator.num_processes == 1 and not options.ce_weight:
+            self.heads = hidden_paths(accelerator.unwrap_model(student), teacher)
+
+    def outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The distillation loss of one micro-batch (its parts detached)."""
+        opt = self.options
+        if self.heads is not None:
+            (student_body, student_head), (teacher_body, teacher_head) = self.heads
+            with torch.no_grad():
+                teacher_hidden = teacher_body(input_ids=batch, use_cache=False).last_hidden_state
+            with self.acc.autocast():
+                hidden = student_body(input_ids=batch, use_cache=False).last_hidden_state
+                kl, parts = hidden_distillation_loss(hidden, student_head, teacher_hidden, teacher_head, opt.temperature)
+                return opt.kl_weight * kl, parts
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=batch, use_cache=False).logits
+        logits = self.student(input_ids=batch, use_cache=False).logits
+        return distillation_loss(logits, teacher_logits, batch, opt.temperature, opt.kl_weight, opt.ce_weight)
 
     def train(self, progress: bool) -> None:
         from tqdm.auto import tqdm
@@ -89,12 +123,8 @@ class TrainingLoop:
         micro = self.state.step * opt.grad_accum
         for i in range(opt.grad_accum):
             batch = self.stream.batch(micro + i).to(device)
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=batch, use_cache=False).logits
             with self.acc.accumulate(self.student):
-                logits = self.student(input_ids=batch, use_cache=False).logits
-                loss, parts = distillation_loss(logits, teacher_logits, batch, opt.temperature, opt.kl_weight, opt.ce_weight)
-                del teacher_logits
+                loss, parts = self.outputs(batch)
                 self.acc.backward(loss)
                 if self.acc.sync_gradients:
                     if opt.max_grad_norm:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,9 @@ from transmla.errors import TransMLAError
 from transmla.io.converted import is_converted, parse_dtype
 
 TRAIN_CHOICES = ("attention", "latent", "all")
+GPU_BATCH = 8  # windows of seq_len per micro-batch on a GPU (16k tokens per step at 2048)
+CPU_BATCH = 4
+ACTIVATION_SHARE = 0.5  # without checkpointing, the activations may take this share of the GPU's free memory
 
 
 @dataclass
@@ -25,7 +28,7 @@ class HealOptions:
     teacher: str | None = None  # None: the converted folder's `source_model`
     train: str = "attention"  # attention | latent (kv_a_proj, kv_b_proj) | all
     seq_len: int = 2048
-    batch_size: int = 4  # windows per micro-batch and process
+    batch_size: int | None = None  # windows per micro-batch and process; None: GPU_BATCH on a GPU, CPU_BATCH on a CPU
     grad_accum: int = 1
     lr: float = 3e-4
     warmup: float = 0.05  # share of the steps
@@ -34,7 +37,7 @@ class HealOptions:
     temperature: float = 1.0
     kl_weight: float = 1.0
     ce_weight: float = 0.0
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | None = None  # None: only where the activations would not fit (`resolved`)
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it) | bf16 | fp16 | no
     val_fraction: float = 0.05
     max_val_windows: int = 16
@@ -47,6 +50,22 @@ class HealOptions:
     overwrite: bool = False
     seed: int = 0
     dtype: str = "auto"  # dtype of the written model; auto: the converted folder's
+
+    def resolved(self, config: dict[str, Any], device: Any) -> "HealOptions":
+        """These options with the batch and checkpointing filled in for `device` and the student's config (a
+        converted folder's config.json): on a GPU checkpointing only where the activations of a micro-batch would
+        not fit in ACTIVATION_SHARE of its free memory, on a CPU always."""
+        import torch
+
+        on_gpu = torch.device(device).type == "cuda"
+        batch = self.batch_size or (GPU_BATCH if on_gpu else CPU_BATCH)
+        checkpointing = self.gradient_checkpointing
+        if checkpointing is None:
+            checkpointing = True
+            if on_gpu:
+                free = torch.cuda.mem_get_info(torch.device(device))[0]
+                checkpointing = batch * self.seq_len * activation_bytes_per_token(config) > ACTIVATION_SHARE * free
+        return replace(self, batch_size=batch, gradient_checkpointing=checkpointing)
 
     def settings(self, folder: Path, teacher: str, processes: int) -> dict[str, Any]:
         """What a resumed run must share with the interrupted one."""
@@ -89,6 +108,14 @@ class HealResult:
         return {**asdict(self), "recovered": self.recovered}
 
 
+def activation_bytes_per_token(config: dict[str, Any]) -> int:
+    """About what one training token keeps for the backward pass without checkpointing (bf16 activations: per
+    layer some twenty hidden-wide and six MLP-wide tensors; the logits are taken in chunks)."""
+    hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    intermediate = int(config.get("intermediate_size") or 4 * hidden)
+    return 2 * layers * (20 * hidden + 6 * intermediate)
+
+
 def check_options(folder: Path, out: Path, options: HealOptions) -> None:
     """Refuse bad input before anything heavy is loaded."""
     if not folder.exists():
@@ -106,7 +133,7 @@ def check_options(folder: Path, out: Path, options: HealOptions) -> None:
     if options.tokens < 1:
         raise TransMLAError(f"--tokens must be positive, got {options.tokens}")
     for name in ("batch_size", "grad_accum", "seq_len"):
-        if getattr(options, name) < 1:
+        if getattr(options, name) is not None and getattr(options, name) < 1:
             raise TransMLAError(f"--{name.replace('_', '-')} must be positive, got {getattr(options, name)}")
     if options.temperature <= 0:
         raise TransMLAError(f"--temperature must be positive, got {options.temperature}")

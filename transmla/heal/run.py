@@ -125,6 +125,7 @@ def heal(
     out.parent.mkdir(parents=True, exist_ok=True)
     check_writable(out.parent)
     accelerator = make_accelerator(options)
+    options = options.resolved(json.loads((folder / "config.json").read_text()), accelerator.device)
     from accelerate.utils import set_seed
 
     set_seed(options.seed)
