@@ -160,5 +160,5 @@ def layer_spectrum(src: SourceAttention, stats: LayerStats, inv_freq: torch.Tens
         split, q_nope, q_nope_bias = split_rotary(src, plan)
         problem = whiten_problem(src, stats, split.nope_to_heads, split.key_nope, q_nope, q_nope_bias, settings)
         sigma2[rope_dim] = weighted_spectrum(problem).cpu()
-        rope_loss[rope_dim] = settings.score_weight * plan.dropped_cost() / src.head_dim
+        rope_loss[rope_dim] = settings.score_weight * plan.dropped_cost() / src.score_scale_divisor
     return LayerSpectrum(rope_loss, sigma2, scale)

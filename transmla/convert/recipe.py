@@ -54,7 +54,8 @@ def head_blocks(o: torch.Tensor, heads: int) -> torch.Tensor:
 
 def key_weight_matrix(q_nope: torch.Tensor, q_bias: torch.Tensor | None, nope_to_heads: torch.Tensor,
                       second: torch.Tensor, mean: torch.Tensor, src: SourceAttention) -> torch.Tensor:
-    """M_z = scale^2 sum_h E_g^T E[q_h q_h^T] E_g over the position-free key components."""
+    """M_z = scale^2 sum_h E_g^T E[q_h q_h^T] E_g over the position-free key components (scale^2 = 1 / d, or the
+    family's own softmax scale squared)."""
     d, heads = src.head_dim, src.heads
     qh = q_nope.view(heads, d, -1)
     qq = torch.einsum("hdx,xy,hey->hde", qh, second, qh)
@@ -63,7 +64,7 @@ def key_weight_matrix(q_nope: torch.Tensor, q_bias: torch.Tensor | None, nope_to
         qm = torch.einsum("hdx,x->hd", qh, mean)
         qq = qq + torch.einsum("hd,he->hde", qm, b) + torch.einsum("hd,he->hde", b, qm) + torch.einsum("hd,he->hde", b, b)
     e = nope_to_heads[src.group_of_head]  # [H, d, Z]
-    return torch.einsum("hdz,hde,hew->zw", e, qq, e) / d
+    return torch.einsum("hdz,hde,hew->zw", e, qq, e) / src.score_scale_divisor
 
 
 def value_weight_matrix(src: SourceAttention) -> torch.Tensor:
@@ -100,7 +101,7 @@ def convert_layer(src: SourceAttention, stats: LayerStats, inv_freq: torch.Tenso
         latent = weighted_latent(problem, rank, iterations=settings.iterations)
         value_mean = stats.value_mean.to(src.k.dtype) if settings.output_bias else None
     shaped = SourceAttention(q_nope, src.k, src.v, src.o, q_nope_bias, src.k_bias, src.v_bias,
-                             src.heads, src.groups, src.head_dim)
+                             src.heads, src.groups, src.head_dim, score_divisor=src.score_divisor)
     # assemble_layer builds q_rope from the split and takes q_nope from `shaped.q` (shrunk where asked).
     out = assemble_layer(shaped, split, latent, scaling)
     if value_mean is not None:

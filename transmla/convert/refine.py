@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .attention import SourceAttention
 
@@ -55,8 +54,7 @@ def refine_layer(runner: Any, layer: int, src: SourceAttention, attention: dict[
     train_rows = runner.samples - held
     if train_rows < 1:
         return attention, RefineReport(math.nan, math.nan, False)
-    src32 = src.to(runner.device, torch.float32)
-    measure = lambda: relative_error(runner, layer, module, src32, range(train_rows, runner.samples))  # noqa: E731
+    measure = lambda: relative_error(runner, layer, module, range(train_rows, runner.samples))  # noqa: E731
     before = measure()
     params = {name: p for name, p in module.named_parameters() if name.split(".")[0] in TRAINED or name == "o_proj.bias"}
     scales = {name: float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12)) for name, p in params.items()}
@@ -75,7 +73,7 @@ def refine_layer(runner: Any, layer: int, src: SourceAttention, attention: dict[
             rows = torch.randint(train_rows, (min(settings.batch, train_rows),), generator=generator)
             x = norm(runner.hidden[rows].to(runner.device))
             with torch.no_grad():
-                target, scale = source_output(runner, src32, x)
+                target, scale = source_output(runner, layer, x)
             loss = (attention_output(runner, module, x) - target).pow(2).mean() / scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -90,12 +88,9 @@ def refine_layer(runner: Any, layer: int, src: SourceAttention, attention: dict[
     return refined, RefineReport(before, after, True)
 
 
-def source_output(runner: Any, src32: SourceAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def source_output(runner: Any, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The source attention's output after o_proj (without its bias) on x, and its mean square."""
-    from .calibration import source_attention_probs
-
-    _, out = source_attention_probs(src32, src32.inputs(x), runner.cos, runner.sin, runner.mask)
-    target = F.linear(out, src32.o)
+    target = runner.source_output(layer, x)
     return target, target.pow(2).mean().clamp_min(1e-30)
 
 
@@ -106,13 +101,13 @@ def attention_output(runner: Any, module: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def relative_error(runner: Any, layer: int, module: Any, src32: SourceAttention, rows: range) -> float:
+def relative_error(runner: Any, layer: int, module: Any, rows: range) -> float:
     """L on the calibration sequences `rows`."""
     norm = runner.norm(layer)
     total = energy = 0.0
     for start in range(rows.start, rows.stop, runner.batch):
         x = norm(runner.hidden[start:min(start + runner.batch, rows.stop)].to(runner.device))
-        target, _ = source_output(runner, src32, x)
+        target, _ = source_output(runner, layer, x)
         total += float((attention_output(runner, module, x) - target).double().pow(2).sum())
         energy += float(target.double().pow(2).sum())
     return total / max(energy, 1e-30)

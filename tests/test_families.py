@@ -1,0 +1,123 @@
+"""What is particular to each family beyond the full-rank tests of test_convert.py: a calibrated lossy conversion
+(text sampled from the model itself) and a short heal of each newer family, the adapters' refusals, and the
+checkpoint names of fused projections."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from tiny import save_source, tiny_config
+from transmla.convert import ConvertOptions, convert
+from transmla.errors import TransMLAError
+from transmla.families import FAMILIES, family_of
+from transmla.heal import HealOptions, heal
+from transmla.heal.loss import distillation_loss
+
+NEWER = ["phi3", "gemma2", "gemma3", "olmo2"]
+SEQ = 48
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """Each heal builds its own Accelerator; forget the process-wide state between tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    words = "latent cache rotary head key value query layer window norm scale token".split()
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(60)))
+    return path
+
+
+def load(folder: Path):
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind, sizes", [("phi3", {"kv_lora_rank": 24, "rope_dim": 8}), ("gemma2", {}), ("olmo2", {"kv_lora_rank": 24, "rope_dim": 8}),
+                                         ("gemma3", {"kv_lora_rank": 16, "rope_dim": 8})])
+def test_calibrated_conversion_then_heal(tmp_path, text_file, kind, sizes):
+    """A calibrated conversion on text the model samples itself to half the cache (the default, its split
+    measured, or given sizes), then a few healing steps that bring it closer to its source."""
+    source = save_source(kind, tmp_path / "src")
+    options = ConvertOptions(dtype="float32", calib_samples=4, calib_seq_len=SEQ, **sizes)
+    model = load(convert(str(tmp_path / "src"), tmp_path / "mla", options, progress=False))
+    cfg = source.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert model.config.kv_values_per_token() == [cfg.num_key_value_heads * head_dim] * cfg.num_hidden_layers
+    ids = torch.randint(3, 256, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        kl = torch.nn.functional.kl_div(model(ids).logits.log_softmax(-1), source(ids).logits.log_softmax(-1),
+                                        log_target=True, reduction="batchmean").item()
+    # Lossy, and calibrated on the few tokens a tiny random model samples, so only roughly its source on uniformly
+    # random tokens (0.28 / 0.84 / 1.08 / 0.99 measured for phi3 / gemma2 / gemma3 / olmo2; a wrong norm, scale or
+    # window gives several nats)
+    assert 0 < kl < 1.6
+    assert ("kv_budget_split" in model.config.conversion) == (not sizes)
+
+    heal_options = HealOptions(tokens=4 * 32 * 2, data=(f"file:{text_file}",), seq_len=32, batch_size=2, lr=3e-3,
+                               warmup=0.0, checkpoint_every=0, max_val_windows=2)
+    result = heal(tmp_path / "mla", tmp_path / "healed", heal_options, progress=False)
+    assert result.steps == 4 and math.isfinite(result.after_perplexity)
+    healed = load(tmp_path / "healed")
+    text = torch.tensor(list(text_file.read_bytes()[-2 * SEQ:])).view(2, SEQ)
+    with torch.no_grad():
+        target = source(text).logits
+        assert distillation_loss(healed(text).logits, target, text)[0] < distillation_loss(model(text).logits, target, text)[0]
+    assert healed.generate(ids[:, :10], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0).shape == (2, 14)
+
+
+def test_fused_projections_are_split_in_the_checkpoint(tmp_path):
+    source = save_source("phi3", tmp_path / "src")
+    out = convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(method="svd", kv_lora_rank=8, rope_dim=8,
+                                                                          dtype="float32"), progress=False)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = {k.removeprefix("model.layers.0.") for k in f.keys() if k.startswith("model.layers.0.mlp.")}
+        gate = f.get_tensor("model.layers.0.mlp.gate_proj.weight")
+    assert names == {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}
+    fused = source.model.layers[0].mlp.gate_up_proj.weight
+    assert torch.equal(gate, fused[: fused.shape[0] // 2])
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_types"] == ["sliding_attention"] * 2 and config["sliding_window"] == 24
+
+
+def test_every_family_has_a_tiny_model_and_an_adapter():
+    kinds = ["llama-gqa", "qwen2", "qwen3", "mistral", *NEWER]
+    assert {tiny_config(kind).model_type for kind in kinds} == set(FAMILIES)
+    for kind in kinds:
+        config = tiny_config(kind)
+        assert family_of(config).model_type == config.model_type
+
+
+@pytest.mark.parametrize("kind, change, message", [
+    ("phi3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    ("gemma3", {"use_bidirectional_attention": True}, "attends both ways"),
+    ("llama-gqa", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "RoPE type 'dynamic'"),
+])
+def test_variants_that_can_not_be_expressed_are_refused(tmp_path, kind, change, message):
+    save_source(kind, tmp_path / "src")
+    path = tmp_path / "src" / "config.json"
+    config = json.loads(path.read_text())
+    if "partial_rotary_factor" in change:
+        config.setdefault("rope_parameters", {})["partial_rotary_factor"] = change["partial_rotary_factor"]
+    else:
+        config.update(change)
+    path.write_text(json.dumps(config))
+    with pytest.raises(TransMLAError, match=message):
+        convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(method="svd", kv_lora_rank=8, rope_dim=8),
+                progress=False)
+    assert not (tmp_path / "mla").exists()
