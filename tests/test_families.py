@@ -18,6 +18,7 @@ from tiny import save_source, tiny_config
 from transmla.convert import ConvertOptions, convert
 from transmla.errors import TransMLAError
 from transmla.families import FAMILIES, family_of
+from transmla.export_deepseek import ExportOptions, export_deepseek
 from transmla.heal import HealOptions, heal
 from transmla.heal.loss import distillation_loss
 
@@ -121,3 +122,39 @@ def test_variants_that_can_not_be_expressed_are_refused(tmp_path, kind, change, 
         convert(str(tmp_path / "src"), tmp_path / "mla", ConvertOptions(method="svd", kv_lora_rank=8, rope_dim=8),
                 progress=False)
     assert not (tmp_path / "mla").exists()
+
+
+@pytest.mark.parametrize("kind, named", [
+    ("phi3", ["sliding-window layers (sliding_window 24)"]),
+    ("gemma2", ["attention-score soft-capping", "logit soft-capping", "sliding-window layers", "RMSNorms scaled by 1 + w",
+                "norm_placement 'pre_and_post'", "scaled token embeddings"]),
+    ("gemma3", ["qk_norm", "sliding-window layers", "RMSNorms scaled by 1 + w", "scaled token embeddings"]),
+    ("olmo2", ["qk_norm", "norm_placement 'post'"]),
+])
+def test_deepseek_export_refuses_what_it_can_not_express_in_one_line(tmp_path, kind, named):
+    save_source(kind, tmp_path / "src")
+    options = ConvertOptions(method="svd", kv_lora_rank=8, rope_dim=8, rope_per_frequency=True, dtype="float32")
+    ours = convert(str(tmp_path / "src"), tmp_path / "mla", options, progress=False)
+    with pytest.raises(TransMLAError) as refused:
+        export_deepseek(ours, tmp_path / "ds", ExportOptions(), progress=False)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("stock DeepSeek-V3 can not express this model")
+    assert all(item in message for item in named), message
+    assert not (tmp_path / "ds").exists()
+
+
+def test_deepseek_export_folds_a_softmax_scale_of_its_own_into_the_queries(tmp_path):
+    save_source("llama-gqa", tmp_path / "src")
+    options = ConvertOptions(method="svd", rope_dim=16, rope_per_frequency=True, dtype="float32")
+    ours = convert(str(tmp_path / "src"), tmp_path / "mla", options, progress=False)
+    path = ours / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "attention_scale": 0.7}))
+    export_deepseek(ours, tmp_path / "ds", ExportOptions(), progress=False)
+    ids = torch.randint(3, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    a, b = load(ours), AutoModelForCausalLM.from_pretrained(tmp_path / "ds", dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(ours, trust_remote_code=True, dtype=torch.float32,
+                                                     attention_scale=None)(ids).logits
+        ours_logits, exported = a(ids).logits, b(ids).logits
+    assert (ours_logits - plain).abs().max() > 1e-2  # the scale matters
+    assert (ours_logits - exported).abs().max() <= 1e-5 * max(ours_logits.abs().max().item(), 1.0)

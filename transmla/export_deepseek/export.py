@@ -66,15 +66,37 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def check_exportable(config: dict[str, Any], tensors: SafetensorsSource) -> None:
-    """Refuse what DeepSeek-V3 can not express: per-head q/k norms, attention biases, MLP biases."""
+def inexpressible(config: dict[str, Any]) -> list[str]:
+    """What of a converted config stock DeepSeek-V3 has no counterpart for (empty: nothing)."""
+    found = []
     if config.get("qk_norm"):
-        raise TransMLAError(
-            "this model RMS-normalises each query and key head before its latent (qk_norm, from a Qwen3 source), and "
-            "stock DeepSeek-V3 has no per-head key norm, so it can not be exported; serve it in the transmla format instead"
-        )
+        found.append("RMS-normalised queries and keys before the latent (qk_norm; DeepSeek-V3 has no per-head key norm "
+                     "nor one over all heads)")
     if config.get("mlp_bias"):
-        raise TransMLAError("the MLP has biases, which DeepSeek-V3's MLP does not have; this model can not be exported")
+        found.append("MLP biases")
+    if config.get("attn_logit_softcapping") is not None:
+        found.append(f"attention-score soft-capping (attn_logit_softcapping {config['attn_logit_softcapping']:g})")
+    if config.get("final_logit_softcapping") is not None:
+        found.append(f"logit soft-capping (final_logit_softcapping {config['final_logit_softcapping']:g})")
+    if "sliding_attention" in (config.get("layer_types") or []):
+        found.append(f"sliding-window layers (sliding_window {config.get('sliding_window')})")
+    if config.get("rms_norm_offset", 0.0):
+        found.append(f"RMSNorms scaled by {config['rms_norm_offset']:g} + w")
+    if config.get("norm_placement", "pre") != "pre":
+        found.append(f"norms after the attention and the MLP (norm_placement {config['norm_placement']!r})")
+    if config.get("embedding_multiplier", 1.0) != 1.0:
+        found.append(f"scaled token embeddings (embedding_multiplier {config['embedding_multiplier']:g})")
+    return found
+
+
+def check_exportable(config: dict[str, Any], tensors: SafetensorsSource) -> None:
+    """Refuse, in one line, what DeepSeek-V3 can not express: q/k norms, MLP biases, soft-capping, sliding windows,
+    norm variants and placements, embedding scale, attention biases."""
+    found = inexpressible(config)
+    if found:
+        arch = config.get("source_architecture") or "its source"
+        raise TransMLAError(f"stock DeepSeek-V3 can not express this model ({arch}): {'; '.join(found)}; serve it in "
+                            "the transmla format instead")
     for layer in range(config["num_hidden_layers"]):
         for name in ("q_proj.bias", "kv_a_proj.bias", "o_proj.bias"):
             key = f"model.layers.{layer}.self_attn.{name}"
@@ -184,7 +206,7 @@ def export_deepseek(folder: Path | str, out: Path | str, options: ExportOptions 
             f"{rank_out} (exact; the cache grows to {rank_out} + {config['qk_rope_head_dim']} values per token and layer)"
         )
     shape = AttentionShape(config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
-                           config["qk_rope_head_dim"], config["hidden_size"])
+                           config["qk_rope_head_dim"], config["hidden_size"], config.get("attention_scale"))
     per_frequency = bool((config.get("conversion") or {}).get("rope_per_frequency"))
     match = match_rotary(config["rope_inv_freq"], shape.rope_dim, float(config.get("rope_theta", 10000.0)),
                          shape.head_dim, per_frequency)
