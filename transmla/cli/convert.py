@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from transmla.convert.methods import METHODS
 from transmla.convert.options import DEFAULT_KV_BUDGET, GPU_REFINE_STEPS, ConvertOptions, default
 from transmla.data.mixture import source_specs
 from transmla.errors import TransMLAError
@@ -14,6 +15,7 @@ from transmla.errors import TransMLAError
 from .app import app, console, friendly_errors, resolve_device
 
 EXPORT_FORMATS = ("ours", "deepseek")
+METHOD_HELP = "; ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
 
 
 @app.command()
@@ -25,7 +27,7 @@ def convert(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML file of convert options (recipes/); flags given here override it."),
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Latent width R cached per token and layer (default: the --kv-budget's cache minus the RoPE key)."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the decoupled RoPE key shared by all heads (even; default: measured under the --kv-budget for pca/whiten, else 64 or all key dims if fewer)."),
-    method: str = typer.Option(default("method"), "--method", help="Factorisation: whiten (covariance-aware: score and output errors on calibration activations); pca (TransMLA's balanced-KV PCA of activations); svd (weights only: for exactness checks)."),
+    method: str = typer.Option(default("method"), "--method", help=f"Factorisation: {METHOD_HELP}."),
     rope_context: int = typer.Option(default("rope_context"), "--rope-context", help="Weights-only methods: the attention distances (0..N) over which dropping a rotation is costed; calibrated methods measure them."),
     dtype: str = typer.Option(default("dtype"), "--dtype", help="Output dtype: auto (the source's), float32, bfloat16, float16."),
     device: str = typer.Option("auto", "--device", help="Where the math runs: cpu, cuda, auto."),

@@ -25,10 +25,10 @@ import torch
 from transmla.errors import TransMLAError
 
 from .attention import SourceAttention
-from .recipe import LayerSettings, layer_plan, whiten_problem
+from .recipe import LayerSettings, layer_plan
 from .rope import split_rotary
 from .statistics import LayerStats
-from .whiten import weighted_spectrum
+from .whiten import weighted_spectrum, whiten_problem
 
 RANK_FLOOR = 0.5
 

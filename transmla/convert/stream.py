@@ -28,6 +28,7 @@ from .calibration_data import sampling_record
 from .geometry import Geometry
 from .options import FREQFOLD_AUTO, ConvertOptions
 from .recipe import LayerSettings, convert_layer, replace_values
+from .methods import method
 from .model_config import shared_scaling
 from .refine import RefineReport, RefineSettings, refine_layer
 from .statistics import LayerStats
@@ -73,9 +74,9 @@ class LayerStream:
                     "query_shrink": self.settings.shrink}
             if o.refine_steps:
                 out |= {"refine": {"steps": o.refine_steps, "lr": o.refine_lr}}
-            if o.method == "whiten":
-                out |= {"score_weight": self.settings.score_weight, "refit_values": o.refit_values,
+            recorded = {"score_weight": self.settings.score_weight, "refit_values": o.refit_values,
                         "output_bias": self.settings.output_bias}
+            out |= {name: recorded[name] for name in method(o.method).records}
         return out | sizes.summary()
 
     def sizes(self) -> Sizes:
@@ -131,7 +132,7 @@ class LayerStream:
         """The closed-form conversion of one layer, its values refitted under its own attention (whiten) on the
         calibration sequences `rows`."""
         converted, freqs = self._convert(runner, layer, src, stats, rank, rope_dim)
-        if runner is not None and self.options.method == "whiten" and self.options.refit_values \
+        if runner is not None and method(self.options.method).refits_values and self.options.refit_values \
                 and rank < self._full_rank(rope_dim):
             up_value, bias = runner.refit_values(layer, src, converted, rank, freqs, bias=self.settings.output_bias,
                                                  rows=rows)
