@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from transmla.data.mixture import TextSource, parse_sources
+from transmla.defaults import MAX_SHARD_BYTES, default_of
 from transmla.errors import TransMLAError
 from transmla.io.converted import parse_dtype
 
@@ -50,7 +51,7 @@ class ConvertOptions:
     refine_steps: int | None = None  # calibrated: gradient steps per layer on its attention error (None: by device)
     refine_lr: float = 1e-3  # relative to each tensor's RMS
     output_bias: bool = True  # whiten: an o_proj bias for the mean value error (off: stock DeepSeek-V3 can serve it)
-    max_shard_bytes: int = 5 * 2**30
+    max_shard_bytes: int = MAX_SHARD_BYTES
     overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -146,4 +147,4 @@ class ConvertOptions:
 
 def default(name: str) -> Any:
     """The default of one ConvertOptions field (for the command line, so that each default is written once)."""
-    return next(f.default for f in fields(ConvertOptions) if f.name == name)
+    return default_of(ConvertOptions, name)

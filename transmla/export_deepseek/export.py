@@ -11,10 +11,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from transmla.data.text import load_text
+from transmla.defaults import MAX_SHARD_BYTES, default_of
 from transmla.errors import TransMLAError
 from transmla.io import SafetensorsSource, ShardedSafetensorsWriter, atomic_output_dir, check_free_disk
 from transmla.io.converted import config_dtype, parse_dtype
 from transmla.io.source import load_tokenizer, require_tokenizer
+
 from .config import deepseek_config
 from .latent_norm import STOCK_EPS, LatentNorm, calibrated_norm, exact_norm
 from .layer import AttentionShape, export_attention
@@ -36,8 +39,31 @@ class ExportOptions:
     calib_windows: int = 8
     calib_seq_len: int = 512
     device: str = "cpu"  # where the calibration forward passes run
-    max_shard_bytes: int = 5 * 2**30
+    max_shard_bytes: int = MAX_SHARD_BYTES
     overwrite: bool = False
+
+    def check(self) -> None:
+        """Raise TransMLAError naming the first setting that can not be exported with, and the fix."""
+        if self.latent_norm not in LATENT_NORMS:
+            raise TransMLAError(f"--latent-norm {self.latent_norm!r} is not one of {', '.join(LATENT_NORMS)}")
+        if self.latent_norm == "calibrated":
+            if self.calib_text is None:
+                raise TransMLAError("--latent-norm calibrated needs calibration text: pass --calib-text FILE")
+            load_text(text_file=self.calib_text)  # one clear error for a missing or non-UTF-8 file
+        if self.calib_windows < 1:
+            raise TransMLAError(f"--calib-windows {self.calib_windows} must be at least 1")
+        if self.calib_seq_len < 2:
+            raise TransMLAError(f"--calib-seq-len {self.calib_seq_len} is too short: use at least 2 tokens")
+        if self.kv_lora_rank is not None and self.kv_lora_rank < 1:
+            raise TransMLAError(f"--kv-lora-rank {self.kv_lora_rank} must be positive")
+        parse_dtype(self.dtype)
+        if self.max_shard_bytes <= 0:
+            raise TransMLAError(f"--max-shard-size must be positive, got {self.max_shard_bytes / 2**30:g} GiB")
+
+
+def default(name: str) -> Any:
+    """The default of one ExportOptions field (for the command line, so that each default is written once)."""
+    return default_of(ExportOptions, name)
 
 
 @dataclass
@@ -129,10 +155,8 @@ def collect_latents(folder: Path, options: ExportOptions) -> dict[int, torch.Ten
     """Each layer's latents c (before any norm) on calibration text, from the converted model."""
     from transformers import AutoModelForCausalLM
 
-    from transmla.data.text import calibration_windows, load_text
+    from transmla.data.text import calibration_windows
 
-    if options.calib_text is None:
-        raise TransMLAError("--latent-norm calibrated needs calibration text: pass --calib-text FILE")
     text = load_text(text_file=options.calib_text)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
     model = model.to(options.device).eval()
@@ -161,8 +185,6 @@ def collect_latents(folder: Path, options: ExportOptions) -> dict[int, torch.Ten
 
 def latent_norms(config: dict[str, Any], tensors: SafetensorsSource, rank_out: int, folder: Path,
                  options: ExportOptions) -> list[LatentNorm]:
-    if options.latent_norm not in LATENT_NORMS:
-        raise TransMLAError(f"--latent-norm {options.latent_norm!r} is not one of {', '.join(LATENT_NORMS)}")
     ranks = config["kv_lora_rank"]
     if options.latent_norm == "calibrated":
         latents = collect_latents(folder, options)
@@ -186,6 +208,7 @@ def export_deepseek(folder: Path | str, out: Path | str, options: ExportOptions 
                     progress: bool = True) -> ExportReport:
     """Write the converted checkpoint FOLDER as a DeepSeek-V3 checkpoint OUT (atomically)."""
     folder, out, options = Path(folder), Path(out), options or ExportOptions()
+    options.check()
     config = read_config(folder)
     tensors = SafetensorsSource(folder)
     check_exportable(config, tensors)
