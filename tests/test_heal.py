@@ -17,7 +17,8 @@ from transmla.heal import HealOptions, heal
 from transmla.heal.run import select_trainable
 from transmla.workflows import convert_and_heal
 from transmla.heal.checkpoint import checkpoints, default_work_dir
-from transmla.heal.data import WindowStream, pack, parse_tokens, tokenize_documents
+from transmla.data.text import pack, tokenize_documents
+from transmla.heal.data import WindowStream, parse_tokens
 from transmla.heal.loss import distillation_loss
 
 WORDS = ("the latent cache holds a small vector per token while every head reads keys and values from it "

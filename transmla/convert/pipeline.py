@@ -26,7 +26,7 @@ from transmla.io.writer import ShardedSafetensorsWriter
 
 from .attention import attention_weights
 from .budget import Sizes
-from .calibration_data import calibration_ids, check_calibration_text
+from .calibration_data import calibration_ids, calibration_tokenizer
 from .geometry import Geometry
 from .model_config import build_config, shared_scaling
 from .options import GPU_CALIB_SAMPLES, GPU_REFINE_STEPS, ConvertOptions
@@ -56,7 +56,7 @@ def _convert(spec: str, out: Path, options: ConvertOptions, progress: bool) -> P
     dtype = parse_dtype(resolved.dtype) or config_dtype(source.config)
     check_before_work(source, out, dtype)
     check_output_bias(source, resolved)
-    check_calibration_text(source, resolved)
+    calibration_tokenizer(source, resolved)
     print_notes(source, spec, options, resolved)
     options = resolved
     ids = calibration_ids(source, options, progress) if needs_text(options, geo) else None
