@@ -4,7 +4,7 @@ checkpoint one layer at a time through the source's family (which names the tens
 Notation: G key heads of width d, H query heads, query head h reads key head g(h) = h // (H/G). RoPE in the
 rotate-half layout turns dims (i, i + d/2) of every head at frequency theta_i, i < d/2 (`pair_blocks`).
 
-A q/k RMSNorm (per head: Qwen3, Gemma 3; over all heads: OLMo 2) is not linear in x, but it is a fixed function
+A q/k RMSNorm (per head or over all heads: the family's `qk_norm`) is not linear in x, but it is a fixed function
 of linear maps of x: with the pre-features z = [q_n; k_n; v] (q_n = q_norm(W_q x), k_n = k_norm(W_k x),
 v = W_v x; `PreProjection`, computed by the converted model's own code), the layer is an ordinary attention layer
 on z whose q, k and v are selections of z's blocks (`pre_feature_attention`).

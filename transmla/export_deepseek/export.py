@@ -136,8 +136,8 @@ def check_exportable(config: dict[str, Any], tensors: SafetensorsSource) -> None
                 raise TransMLAError(
                     f"{key} is nonzero ({arch} attention biases): DeepSeek-V3 attention has no biases in vLLM and "
                     "SGLang (transformers allows only kv_a_proj_with_mqa and o_proj biases, never a query bias), and "
-                    "a query, rotary-key or output bias can not be folded into the other weights, so this model (e.g. "
-                    "any Qwen2) can not be exported exactly; serve it in the transmla format instead"
+                    "a query, rotary-key or output bias can not be folded into the other weights, so this model can "
+                    "not be exported exactly; serve it in the transmla format instead"
                 )
 
 
