@@ -57,6 +57,7 @@ COMMON = dict(
 RANDOM_NORMS = ("phi3", "gemma2", "gemma3", "olmo2")
 # Kinds with sliding-window layers narrower than the test sequences.
 SLIDING = ("phi3", "gemma2", "gemma3")
+SOFTCAPPED = ("gemma2",)
 
 
 def tiny_config(kind: str):
@@ -100,7 +101,9 @@ def tiny_model(kind: str, seed: int = 0):
     """A random model; attention biases (Qwen2) are made nonzero and q/k norm weights (and the newer families' other
     norm weights) non-trivial so that their handling is tested."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
+    # transformers 5.0 runs Gemma 2 through SDPA by default, which has no soft-capping; eager attention computes it
+    attention = "eager" if kind in SOFTCAPPED else None
+    model = AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation=attention).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
