@@ -139,3 +139,12 @@ def test_deepseek_export_folds_a_softmax_scale_of_its_own_into_the_queries(tmp_p
         ours_logits, exported = a(ids).logits, b(ids).logits
     assert (ours_logits - plain).abs().max() > 1e-2  # the scale matters
     assert (ours_logits - exported).abs().max() <= 1e-5 * max(ours_logits.abs().max().item(), 1.0)
+
+
+def test_convert_to_deepseek_refuses_such_a_source_before_converting(tmp_path):
+    from transmla.workflows import convert_deepseek
+
+    save_source("gemma2", tmp_path / "src")
+    with pytest.raises(TransMLAError, match="can not express this model \\(gemma2\\): .*attention-score soft-capping"):
+        convert_deepseek(str(tmp_path / "src"), tmp_path / "ds", ConvertOptions(method="svd"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

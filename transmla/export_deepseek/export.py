@@ -115,14 +115,18 @@ def inexpressible(config: dict[str, Any]) -> list[str]:
     return found
 
 
+def refuse_inexpressible(config: dict[str, Any], architecture: str) -> None:
+    """One line naming everything of a converted config that stock DeepSeek-V3 can not express, if anything."""
+    found = inexpressible(config)
+    if found:
+        raise TransMLAError(f"stock DeepSeek-V3 can not express this model ({architecture}): {'; '.join(found)}; "
+                            "serve it in the transmla format instead")
+
+
 def check_exportable(config: dict[str, Any], tensors: SafetensorsSource) -> None:
     """Refuse, in one line, what DeepSeek-V3 can not express: q/k norms, MLP biases, soft-capping, sliding windows,
     norm variants and placements, embedding scale, attention biases."""
-    found = inexpressible(config)
-    if found:
-        arch = config.get("source_architecture") or "its source"
-        raise TransMLAError(f"stock DeepSeek-V3 can not express this model ({arch}): {'; '.join(found)}; serve it in "
-                            "the transmla format instead")
+    refuse_inexpressible(config, config.get("source_architecture") or "its source")
     for layer in range(config["num_hidden_layers"]):
         for name in ("q_proj.bias", "kv_a_proj.bias", "o_proj.bias"):
             key = f"model.layers.{layer}.self_attn.{name}"
