@@ -52,7 +52,7 @@ def test_full_rank_logits_match_with_left_padding(converted):
         expected = source(ids, attention_mask=mask).logits
         got = model(ids, attention_mask=mask).logits
     valid = mask.bool()
-    assert (expected - got)[valid].abs().max().item() <= 1e-5
+    assert (expected - got)[valid].abs().max().item() <= 1e-5  # 2.4e-7 (phi3) to 1.0e-6 (gemma3, olmo2) measured
 
 
 def test_absorbed_and_expanded_forms_agree_during_decoding(converted):
@@ -90,24 +90,25 @@ def test_greedy_generation_matches_original_and_cache_holds_only_latent(converte
         assert tuple(layer.values.shape) == (3, 1, total, cfg.qk_rope_head_dim)
 
 
-def stepwise_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of every position, feeding one token at a time through the model's latent cache."""
+def stepwise_logits(model, ids: torch.Tensor, prefill: int = 1) -> torch.Tensor:
+    """Logits of every position from `prefill` - 1 on: the first `prefill` tokens at once, then one token at a time
+    through the model's latent cache."""
     cache, steps = None, []
     with torch.no_grad():
-        for t in range(ids.shape[1]):
-            result = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        for start, end in [(0, prefill), *((t, t + 1) for t in range(prefill, ids.shape[1]))]:
+            result = model(ids[:, start:end], past_key_values=cache, use_cache=True)
             cache = result.past_key_values
             steps.append(result.logits[:, -1])
     return torch.stack(steps, 1)
 
 
 def test_cached_token_by_token_decoding_equals_the_full_forward(converted):
-    """Past every sliding window (the tiny windows are 20-24 tokens), in the absorbed form."""
+    """Past every sliding window (the tiny windows are 20-24 tokens), in the absorbed form (at most 3e-6 measured)."""
     _, model, _ = converted
     ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        full = model(ids).logits
-    assert (stepwise_logits(model, ids) - full).abs().max().item() <= 1e-5
+        full = model(ids).logits[:, 11:]
+    assert (stepwise_logits(model, ids, prefill=12) - full).abs().max().item() <= 1e-5
 
 
 def test_output_folder_is_a_complete_checkpoint(converted):

@@ -148,3 +148,16 @@ def test_convert_to_deepseek_refuses_such_a_source_before_converting(tmp_path):
     with pytest.raises(TransMLAError, match="can not express this model \\(gemma2\\): .*attention-score soft-capping"):
         convert_deepseek(str(tmp_path / "src"), tmp_path / "ds", ConvertOptions(method="svd"), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2", "qwen3", "mistral", *NEWER])
+def test_the_same_options_write_the_same_bytes(tmp_path, monkeypatch, kind):
+    """A calibrated conversion on text the model samples itself, twice from an empty sample cache: the same bytes."""
+    save_source(kind, tmp_path / "src")
+    written = []
+    for run in ("a", "b"):
+        monkeypatch.setenv("TRANSMLA_CACHE", str(tmp_path / f"cache-{run}"))
+        options = ConvertOptions(kv_lora_rank=12, rope_dim=8, dtype="float32", calib_samples=2, calib_seq_len=32)
+        out = convert(str(tmp_path / "src"), tmp_path / run, options, progress=False)
+        written.append((out / "model.safetensors").read_bytes())
+    assert written[0] == written[1]
