@@ -73,6 +73,9 @@ class Family:
             if rope_type in UNSUPPORTED_ROPE:
                 raise TransMLAError(f"RoPE type {rope_type!r} depends on the sequence length and can not be moved into "
                                     "a fixed rotary key; supported: default, linear, llama3, yarn")
+        widths = sorted({w for w in self.sliding_windows(config) if w is not None})
+        if len(widths) > 1:
+            raise TransMLAError(f"sliding windows of several widths ({widths}): the converted model has one")
 
     def rope_parameter_sets(self, config: Any) -> list[dict[str, Any]]:
         """The RoPE settings the config holds (one set; families with a table per layer type override this)."""
@@ -152,7 +155,7 @@ class Family:
         """The TransMLAConfig fields that make the converted model compute what the source does outside the
         latent attention (docs/format.md)."""
         windows = self.sliding_windows(config)
-        sliding = [w for w in windows if w is not None]
+        sliding = sorted({w for w in windows if w is not None})  # one width at most (`check`)
         return dict(
             hidden_act=self.activation(config), rms_norm_eps=float(config.rms_norm_eps),
             mlp_bias=bool(getattr(config, "mlp_bias", False)), rms_norm_offset=self.norm_offset,
