@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from transmla.errors import TransMLAError
 from transmla.families import family_of
 from transmla.modeling.configuration_transmla import TransMLAConfig
 
@@ -55,9 +54,5 @@ def build_config(source_config: Any, ranks: list[int], inv_freqs: list[list[floa
 
 
 def shared_scaling(tables: list[tuple[torch.Tensor, float]]) -> float:
-    """The one cos/sin scaling of every layer's rotary table (the converted model has one)."""
-    scalings = {scaling for _, scaling in tables}
-    if len(scalings) != 1:
-        raise TransMLAError(f"the source's layers scale cos and sin differently ({sorted(scalings)}), which the "
-                            "converted model, with one rope_attention_scaling, can not express")
-    return scalings.pop()
+    """The cos/sin scaling of every layer's rotary table: one for all (`Family.check` refuses sources where not)."""
+    return tables[0][1]

@@ -76,6 +76,10 @@ class Family:
         widths = sorted({w for w in self.sliding_windows(config) if w is not None})
         if len(widths) > 1:
             raise TransMLAError(f"sliding windows of several widths ({widths}): the converted model has one")
+        scalings = sorted({scaling for _, scaling in self.rotary(config)})
+        if len(scalings) > 1:
+            raise TransMLAError(f"the layers scale cos and sin differently ({scalings}), which the converted model, with "
+                                "one rope_attention_scaling, can not express")
 
     def rope_parameter_sets(self, config: Any) -> list[dict[str, Any]]:
         """The RoPE settings the config holds (one set; families with a table per layer type override this)."""
