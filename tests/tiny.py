@@ -55,8 +55,7 @@ COMMON = dict(
 
 # Families whose every norm weight is drawn at random (the older kinds keep transformers' initial norms).
 RANDOM_NORMS = ("phi3", "gemma2", "gemma3", "olmo2")
-# Kinds with sliding-window layers narrower than the test sequences.
-SLIDING = ("phi3", "gemma2", "gemma3")
+# Kinds whose scores are soft-capped, which SDPA can not do.
 SOFTCAPPED = ("gemma2",)
 
 
