@@ -17,7 +17,6 @@ from transmla.convert.geometry import Geometry
 from transmla.convert.calibration_data import calibration_ids
 from transmla.convert.statistics import LayerStats
 from transmla.data.text import calibration_windows
-from transmla.convert.rope import source_rope
 from transmla.io.source import open_source
 
 TEXT = (
@@ -80,10 +79,11 @@ def layer_losses(folder: Path, calib_file: Path, rank: int, rope_dim: int) -> di
     """Each method's calibration loss (attention-output error) on layer 0 at one low rank."""
     source = open_source(str(folder))
     geo = Geometry.of(source.config)
-    inv_freq, scaling = source_rope(source.config)
+    rotary = source.family.rotary(source.config)
+    inv_freq, scaling = rotary[0]
     ids = calibration_windows(byte_tokenizer(), calib_file.read_text(), SEQ, 6)
-    runner = LayerwiseRunner(source.tensors, source.config, ids, inv_freq, scaling)
-    src, o_bias = read_attention(source.tensors, 0, geo)
+    runner = LayerwiseRunner(source.tensors, source.config, ids, rotary)
+    src, o_bias = read_attention(source.tensors, 0, geo, source.family)
     stats = runner.statistics(0, src)
     losses = {}
     identity = LayerStats.identity(geo.input_width, geo.heads, geo.head_dim)

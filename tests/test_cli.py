@@ -46,8 +46,8 @@ def test_convert_help_states_the_defaults_that_depend_on_the_source():
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     for fragment in ("default: the --kv-budget's cache minus the RoPE key", "default: measured under the --kv-budget",
-                     "default 0.5 when neither -r nor -d is given", "default: 64 on a GPU, 16 on a CPU",
-                     "default: 300 on a GPU, 0 on a CPU"):
+                     "default 0.5 when neither -r nor -d is given", "default: 256 on a GPU, 16 on a CPU",
+                     "default: 200 on a GPU, 0 on a CPU"):
         assert fragment in text
 
 

@@ -329,3 +329,16 @@ def test_smollm2_export_serves_with_stock_transformers(tmp_path):
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     out = b.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 8
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"latent_norm": "fast"}, "--latent-norm 'fast' is not one of exact, calibrated"),
+    ({"calib_windows": 0}, "--calib-windows 0"),
+    ({"calib_seq_len": 1}, "--calib-seq-len 1"),
+    ({"kv_lora_rank": 0}, "--kv-lora-rank 0"),
+    ({"dtype": "int8"}, "--dtype 'int8'"),
+    ({"max_shard_bytes": 0}, "--max-shard-size must be positive"),
+])
+def test_export_options_are_checked_before_anything_is_read(tmp_path, change, message):
+    with pytest.raises(TransMLAError, match=message):
+        export_deepseek(tmp_path / "not-read", tmp_path / "ds", ExportOptions(**change), progress=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -17,34 +16,15 @@ from transmla.heal import HealOptions, heal
 from transmla.heal.run import select_trainable
 from transmla.workflows import convert_and_heal
 from transmla.heal.checkpoint import checkpoints, default_work_dir
-from transmla.heal.data import WindowStream, pack, parse_tokens, tokenize_documents
+from transmla.data.text import pack, tokenize_documents
+from transmla.heal.data import WindowStream, parse_tokens
 from transmla.heal.loss import distillation_loss, hidden_distillation_loss
 
-WORDS = ("the latent cache holds a small vector per token while every head reads keys and values from it "
-         "attention rotary position model layer weight query value key shared group").split()
 SEQ = 64
 BATCH = 4
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    """Each run builds its own Accelerator; forget the process-wide state between tests."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    paragraphs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + "." for _ in range(200)]
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text("\n\n".join(paragraphs))
-    return path
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def make_converted(root: Path, kind: str = "llama-gqa") -> Path:

@@ -11,7 +11,7 @@ from tiny import save_source
 from transmla.convert import ConvertOptions, convert
 from transmla.convert.calibration_data import calibration_ids
 from transmla.convert.geometry import Geometry
-from transmla.data.mixture import TextSource, describe, parse_source, parse_sources, shares
+from transmla.data.mixture import TextSource, describe, loose_spec, parse_source, parse_sources, shares
 from transmla.errors import TransMLAError
 from transmla.io.source import open_source
 
@@ -27,6 +27,9 @@ def test_specs_parse_with_weights_and_refuse_nonsense(tmp_path):
     assert parse_source(str(path)) == TextSource("file", str(path), 1.0)
     assert parse_source("dataset:wikitext2") == TextSource("dataset", "wikitext2", 1.0)
     assert parse_sources([]) == [TextSource("self")]
+    # convert --heal-data also takes `self-distill`, a bare path and a bare dataset name
+    assert [loose_spec(x) for x in ("self-distill", "self@2", str(path), "wikitext2", "file:x")] == \
+        ["self", "self@2", f"file:{path}", "dataset:wikitext2", "file:x"]
     for bad, fragment in [("selfish", "is not one of"), ("self@-1", "must be a positive"),
                           (f"file:{tmp_path / 'none.txt'}", "text file not found")]:
         with pytest.raises(TransMLAError, match=fragment):

@@ -29,8 +29,11 @@ def _expanded_attention(
     w_uv: torch.Tensor,
     key_mask: torch.Tensor | None,
     scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Plain attention with keys and values expanded from the latent, one group per G heads (float64)."""
+    """Plain attention with keys and values expanded from the latent, one group per G heads (float64), scores
+    capped at c * tanh(score / c) and keys cut to a sliding window where asked."""
     B, H, Q, d = q_nope.shape
     T = c.shape[1]
     G = w_uk.shape[0]
@@ -39,7 +42,12 @@ def _expanded_attention(
     group = torch.arange(H) // (H // G)
     k_nope, v = k_nope[:, group], v[:, group]  # [B, H, T, d]
     scores = scale * (q_nope @ k_nope.transpose(-1, -2) + q_rope @ k_rope[:, None].transpose(-1, -2))
-    allowed = torch.arange(T)[None, :] <= (T - Q + torch.arange(Q))[:, None]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    position = (T - Q + torch.arange(Q))[:, None]
+    allowed = torch.arange(T)[None, :] <= position
+    if window is not None:
+        allowed = allowed & (torch.arange(T)[None, :] > position - window)
     allowed = allowed[None, None]
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :]
@@ -58,16 +66,17 @@ def _random_case(B: int, H: int, G: int, Q: int, T: int, R: int, D: int, d: int,
     return q_nope, q_rope, c, k_rope, w_uk, w_uv
 
 
-def _absorbed_vs_expanded(B: int, H: int, G: int, Q: int, T: int, key_mask: torch.Tensor | None, seed: int) -> None:
+def _absorbed_vs_expanded(B: int, H: int, G: int, Q: int, T: int, key_mask: torch.Tensor | None, seed: int,
+                          softcap: float | None = None, window: int | None = None) -> None:
     R, D, d = 48, 16, 32
     scale = d**-0.5
     q_nope, q_rope, c, k_rope, w_uk, w_uv = _random_case(B, H, G, Q, T, R, D, d, seed)
-    expected = _expanded_attention(q_nope, q_rope, c, k_rope, w_uk, w_uv, key_mask, scale)
+    expected = _expanded_attention(q_nope, q_rope, c, k_rope, w_uk, w_uv, key_mask, scale, softcap, window)
 
     group = torch.arange(H) // (H // G)
     q_lat = torch.einsum("bhqd,hdr->bhqr", q_nope, w_uk[group])  # W_UK_g^T q_nope_h
     f = torch.float32
-    o_lat = mla_decode_reference(q_lat.to(f), q_rope.to(f), c.to(f), k_rope.to(f), key_mask, scale)
+    o_lat = mla_decode_attention(q_lat.to(f), q_rope.to(f), c.to(f), k_rope.to(f), key_mask, scale, softcap, window)
     assert o_lat.dtype == f and o_lat.shape == (B, H, Q, R)
     out = torch.einsum("bhqr,hdr->bhqd", o_lat.double(), w_uv[group])  # W_UV_g o_lat_h
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -87,6 +96,13 @@ def test_reference_causal_queries() -> None:
     T = 23
     _absorbed_vs_expanded(B=2, H=4, G=1, Q=5, T=T, key_mask=None, seed=2)
     _absorbed_vs_expanded(B=2, H=4, G=2, Q=5, T=T, key_mask=_left_pad_mask([23, 11], T), seed=3)
+
+
+@pytest.mark.parametrize("softcap, window", [(0.8, None), (None, 6), (1.5, 9)])
+def test_reference_caps_scores_and_keeps_to_the_window(softcap: float | None, window: int | None) -> None:
+    T = 31
+    _absorbed_vs_expanded(B=2, H=4, G=2, Q=3, T=T, key_mask=_left_pad_mask([31, 12], T), seed=6, softcap=softcap,
+                          window=window)
 
 
 def test_fully_masked_rows_are_zero() -> None:
@@ -180,6 +196,18 @@ def test_triton_matches_reference(shape: tuple[int, ...], pad: bool, dtype: torc
     ref = mla_decode_reference(q_lat.float(), q_rope.float(), latent.float(), k_rope.float(), mask, scale)
     out = mla_decode_attention(q_lat, q_rope, latent, k_rope, mask, scale)
     _check_close(out, ref, dtype)
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("num_splits", [None, 1, 7, 64])
+@pytest.mark.parametrize("window", [1, 100, 4096])
+def test_triton_keeps_to_a_sliding_window(window: int, num_splits: int | None) -> None:
+    B, H, Q, T, R, D = 3, 16, 2, 5000, 512, 64
+    q_lat, q_rope, latent, k_rope, mask = _gpu_case(B, H, Q, T, R, D, torch.bfloat16, seed=window, pad=True)
+    ref = mla_decode_reference(q_lat.float(), q_rope.float(), latent.float(), k_rope.float(), mask, 0.1, window=window)
+    out = _mla_decode_triton(q_lat, q_rope, latent, k_rope, mask, 0.1, num_splits=num_splits, window=window)
+    _check_close(out, ref, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,6 @@ from transmla.convert import ConvertOptions, convert
 from transmla.convert.attention import read_attention
 from transmla.convert.geometry import Geometry
 from transmla.convert.recipe import LayerSettings, convert_layer
-from transmla.convert.rope import source_rope
 from transmla.convert.statistics import LayerStats
 from transmla.io.source import open_source
 
@@ -39,11 +38,11 @@ def test_weights_only_is_the_general_recipe_with_identity_statistics(tmp_path, k
     written = load_file(out / "model.safetensors")
     source = open_source(str(tmp_path / "src"))
     geo = Geometry.of(source.config)
-    inv_freq, scaling = source_rope(source.config)
     settings = LayerSettings(method="svd", rope_select="rotate", freqfold=1, shrink=False, score_weight=1.0,
                              rope_context=16, per_frequency=False)
     for layer in range(geo.layers):
-        src, _ = read_attention(source.tensors, layer, geo)
+        src, _ = read_attention(source.tensors, layer, geo, source.family)
+        inv_freq, scaling = source.family.rotary(source.config)[layer]
         stats = LayerStats.identity(geo.input_width, geo.heads, geo.head_dim)
         tensors, _ = convert_layer(src, stats, inv_freq, scaling, rank, rope_dim, settings)
         for name, tensor in tensors.items():

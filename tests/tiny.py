@@ -7,15 +7,16 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
-    LlamaForCausalLM,
     MistralConfig,
-    MistralForCausalLM,
+    Olmo2Config,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
-    Qwen2ForCausalLM,
     Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
 VOCAB = 256
@@ -52,9 +53,18 @@ COMMON = dict(
 )
 
 
+# Families whose every norm weight is drawn at random (the older kinds keep transformers' initial norms).
+RANDOM_NORMS = ("phi3", "gemma2", "gemma3", "olmo2")
+# Kinds whose scores are soft-capped, which SDPA can not do.
+SOFTCAPPED = ("gemma2",)
+
+
 def tiny_config(kind: str):
     """Configs of the supported families: llama-mha, llama-gqa, llama3 (RoPE scaling), qwen2, mistral, qwen3
-    (per-head q/k norms, head_dim 12 != hidden / heads) and qwen3-bias (the same with attention biases, MHA)."""
+    (per-head q/k norms, head_dim 12 != hidden / heads), qwen3-bias (the same with attention biases, MHA),
+    phi3 (fused projections, a sliding window on every layer), gemma2 (soft-capping, a sliding layer then a global
+    one, query_pre_attn_scalar != head_dim), gemma3 (per-head (1 + w) q/k norms, local and linearly scaled global
+    RoPE) and olmo2 (q/k norms over all heads, norms after attention and MLP)."""
     if kind == "llama-mha":
         return LlamaConfig(**COMMON, num_key_value_heads=4)
     if kind == "llama-gqa":
@@ -71,23 +81,36 @@ def tiny_config(kind: str):
         return Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=12, tie_word_embeddings=True)
     if kind == "qwen3-bias":
         return Qwen3Config(**COMMON, num_key_value_heads=4, head_dim=8, attention_bias=True, rope_theta=500.0)
+    if kind == "phi3":
+        return Phi3Config(**COMMON, num_key_value_heads=2, sliding_window=24, original_max_position_embeddings=512)
+    if kind == "gemma2":
+        return Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=20,
+                            attn_logit_softcapping=0.2, final_logit_softcapping=2.0)
+    if kind == "gemma3":
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}
+        return Gemma3TextConfig(**COMMON, num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=16, sliding_window=20,
+                                layer_types=["sliding_attention", "full_attention"], rope_parameters=rope)
+    if kind == "olmo2":
+        return Olmo2Config(**COMMON, num_key_value_heads=2)
     raise ValueError(kind)
 
 
 def tiny_model(kind: str, seed: int = 0):
-    """A random model; attention biases (Qwen2) are made nonzero and Qwen3's q/k norm weights non-trivial so
-    that their handling is tested."""
+    """A random model; attention biases (Qwen2) are made nonzero and q/k norm weights (and the newer families' other
+    norm weights) non-trivial so that their handling is tested."""
     torch.manual_seed(seed)
-    config = tiny_config(kind)
-    cls = {"qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM, "qwen3": Qwen3ForCausalLM,
-           "qwen3-bias": Qwen3ForCausalLM}.get(kind, LlamaForCausalLM)
-    model = cls(config).eval()
+    # transformers 5.0 runs Gemma 2 through SDPA by default, which has no soft-capping; eager attention computes it
+    attention = "eager" if kind in SOFTCAPPED else None
+    model = AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation=attention).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 param.uniform_(0.2, 3.0)
+            elif kind in RANDOM_NORMS and name.endswith("norm.weight"):
+                param.uniform_(-0.4, 0.6) if kind.startswith("gemma") else param.uniform_(0.6, 1.6)
     return model
 
 

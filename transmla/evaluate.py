@@ -14,7 +14,9 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from .data.text import token_windows
+from .defaults import default_of
 from .errors import TransMLAError
+from .io.converted import parse_dtype
 from .kv_cache import kv_values_per_token
 
 LOGIT_CHUNK_ELEMENTS = 1 << 26  # float32 logits converted at a time (256 MiB)
@@ -55,14 +57,29 @@ def _window_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return total
 
 
-def check_eval_settings(seq_len: int, max_windows: int | None = None, batch_size: int = 1) -> None:
-    """One clear error for a window length, window count or batch size that can not be evaluated."""
-    if seq_len < 2:
-        raise TransMLAError(f"--seq-len {seq_len} is too short: use at least 2 tokens")
-    if max_windows is not None and max_windows < 1:
-        raise TransMLAError(f"--max-windows {max_windows} must be at least 1 (or leave it out for all windows)")
-    if batch_size < 1:
-        raise TransMLAError(f"--batch-size {batch_size} must be at least 1")
+@dataclass
+class EvalOptions:
+    """Settings of one evaluation."""
+
+    seq_len: int = 2048  # tokens per window (non-overlapping windows)
+    max_windows: int | None = None  # None: every window of the text
+    batch_size: int = 1  # windows per forward pass
+    dtype: str = "float32"
+
+    def check(self) -> None:
+        """One clear error for a window length, window count, batch size or dtype that can not be evaluated."""
+        if self.seq_len < 2:
+            raise TransMLAError(f"--seq-len {self.seq_len} is too short: use at least 2 tokens")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise TransMLAError(f"--max-windows {self.max_windows} must be at least 1 (or leave it out for all windows)")
+        if self.batch_size < 1:
+            raise TransMLAError(f"--batch-size {self.batch_size} must be at least 1")
+        parse_dtype(self.dtype, allow_auto=False)
+
+
+def default(name: str) -> Any:
+    """The default of one EvalOptions field (for the command line, so that each default is written once)."""
+    return default_of(EvalOptions, name)
 
 
 def perplexity(
@@ -80,7 +97,7 @@ def perplexity(
         raise TransMLAError(
             f"windows must be a [N, seq_len] tensor with N >= 1 and seq_len >= 2, got {tuple(windows.shape)}"
         )
-    check_eval_settings(windows.shape[1], None, batch_size)
+    EvalOptions(windows.shape[1], None, batch_size).check()
     device = torch.device(device) if device is not None else _model_device(model)
     count, seq_len = windows.shape
     was_training = getattr(model, "training", False)
@@ -117,7 +134,7 @@ def evaluate_models(
     """
     if not models:
         raise TransMLAError("no models to evaluate; pass at least one model")
-    check_eval_settings(seq_len, max_windows, batch_size)
+    EvalOptions(seq_len, max_windows, batch_size).check()
     rows: list[dict[str, Any]] = []
     windows_by_tokenizer: dict[int, torch.LongTensor] = {}
     for name, (model, tokenizer) in models.items():

@@ -1,4 +1,4 @@
-"""KV-cache geometry of a source (Llama / Qwen2 / Qwen3 / Mistral) or converted (transmla) config, from the config alone."""
+"""KV-cache geometry of a source (grouped-query attention) or converted (transmla) config, from the config alone."""
 
 from __future__ import annotations
 

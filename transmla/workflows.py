@@ -7,10 +7,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from transmla.convert import ConvertOptions, convert
-from transmla.errors import TransMLAError
 from transmla.export_deepseek import ExportOptions, ExportReport, export_deepseek
+from transmla.export_deepseek.export import refuse_inexpressible
 from transmla.heal import HealOptions, HealResult, heal
 from transmla.io.converted import is_converted
+from transmla.io.output_dir import check_output_dir
 
 
 def unhealed_dir(out: Path | str) -> Path:
@@ -28,8 +29,7 @@ def convert_and_heal(spec: str, out: Path | str, convert_options: ConvertOptions
     from accelerate import PartialState
 
     out = Path(out).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:
-        raise TransMLAError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    check_output_dir(out, options.overwrite)
     plain = unhealed_dir(out)
     state = PartialState()
     if state.is_main_process and not (plain.is_dir() and is_converted(plain) and not convert_options.overwrite):
@@ -58,8 +58,9 @@ def convert_deepseek(spec: str, out: Path | str, convert_options: ConvertOptions
 
     out = Path(out).expanduser().absolute()
     options = options or ExportOptions()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:
-        raise TransMLAError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    options.check()
+    check_output_dir(out, options.overwrite)
+    check_source_exportable(spec)
     convert_options = replace(convert_options, rope_per_frequency=True, output_bias=False, overwrite=True)
     work = out.parent / f"{out.name}.mla-work"
     state = PartialState()
@@ -74,3 +75,13 @@ def convert_deepseek(spec: str, out: Path | str, convert_options: ConvertOptions
     finally:
         if state.is_main_process:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def check_source_exportable(spec: str) -> None:
+    """Before converting: refuse, in one line, a source whose converted model stock DeepSeek-V3 can not express."""
+    from transmla.families import check_family
+    from transmla.inspection import load_config
+
+    config = load_config(spec)
+    family = check_family(config)
+    refuse_inexpressible({**family.runtime_config(config), "qk_norm": family.qk_norm is not None}, config.model_type)

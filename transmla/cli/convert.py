@@ -7,13 +7,15 @@ from typing import Any, Optional
 
 import typer
 
-from transmla.convert.options import DEFAULT_KV_BUDGET, GPU_REFINE_STEPS, ConvertOptions, default
+from transmla.convert.methods import METHODS
+from transmla.convert.options import CPU_CALIB_SAMPLES, DEFAULT_KV_BUDGET, GPU_CALIB_SAMPLES, GPU_REFINE_STEPS, ConvertOptions, default
 from transmla.data.mixture import source_specs
 from transmla.errors import TransMLAError
 
 from .app import app, console, friendly_errors, resolve_device
 
 EXPORT_FORMATS = ("ours", "deepseek")
+METHOD_HELP = "; ".join(f"{m.name} ({m.summary})" for m in METHODS.values())
 
 
 @app.command()
@@ -25,7 +27,7 @@ def convert(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML file of convert options (recipes/); flags given here override it."),
     kv_lora_rank: Optional[int] = typer.Option(None, "--kv-lora-rank", "-r", help="Latent width R cached per token and layer (default: the --kv-budget's cache minus the RoPE key)."),
     rope_dim: Optional[int] = typer.Option(None, "--rope-dim", "-d", help="Width D of the decoupled RoPE key shared by all heads (even; default: measured under the --kv-budget for pca/whiten, else 64 or all key dims if fewer)."),
-    method: str = typer.Option(default("method"), "--method", help="Factorisation: whiten (covariance-aware: score and output errors on calibration activations); pca (TransMLA's balanced-KV PCA of activations); svd (weights only: for exactness checks)."),
+    method: str = typer.Option(default("method"), "--method", help=f"Factorisation: {METHOD_HELP}."),
     rope_context: int = typer.Option(default("rope_context"), "--rope-context", help="Weights-only methods: the attention distances (0..N) over which dropping a rotation is costed; calibrated methods measure them."),
     dtype: str = typer.Option(default("dtype"), "--dtype", help="Output dtype: auto (the source's), float32, bfloat16, float16."),
     device: str = typer.Option("auto", "--device", help="Where the math runs: cpu, cuda, auto."),
@@ -37,7 +39,7 @@ def convert(
     calib_source: list[str] = typer.Option([], "--calib-source", help="Calibration text for pca/whiten, repeatable: self (sampled from the model: the default, no data needed), file:PATH or dataset:NAME, each optionally @WEIGHT (e.g. --calib-source self@3 --calib-source file:chat.txt)."),
     calib_file: list[Path] = typer.Option([], "--calib-file", help="Calibration text file (UTF-8); repeatable; the same as --calib-source file:PATH."),
     calib_dataset: list[str] = typer.Option([], "--calib-dataset", help="Calibration text from a hub dataset: wikitext2, c4 or owner/name[:config[:split]] (text column; validation split unless named); repeatable."),
-    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="Calibration sequences (default: 64 on a GPU, 16 on a CPU)."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help=f"Calibration sequences (default: {GPU_CALIB_SAMPLES} on a GPU, {CPU_CALIB_SAMPLES} on a CPU)."),
     calib_temperature: float = typer.Option(default("calib_temperature"), "--calib-temperature", help="Sampling temperature of the self source."),
     calib_seq_len: int = typer.Option(default("calib_seq_len"), "--calib-seq-len", help="Tokens per calibration sequence."),
     calib_seed: int = typer.Option(default("calib_seed"), "--calib-seed", help="Seed of the self source's sampling (and of the windows drawn from text files)."),

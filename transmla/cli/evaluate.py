@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from transmla.errors import TransMLAError
+from transmla.evaluate import EvalOptions, default
 
 from .app import app, console, friendly_errors, resolve_device
 
@@ -50,20 +51,20 @@ def evaluate(
     compare: Optional[str] = typer.Option(None, "--compare", help="Baseline model to evaluate side by side (e.g. the original)."),
     text_file: Optional[Path] = typer.Option(None, "--text-file", help="Evaluate on this UTF-8 text file (offline)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Evaluate on a hub dataset: wikitext2 or c4."),
-    seq_len: int = typer.Option(2048, "--seq-len", help="Window length in tokens (non-overlapping windows)."),
+    seq_len: int = typer.Option(default("seq_len"), "--seq-len", help="Window length in tokens (non-overlapping windows)."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Evaluate only the first N windows."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass (more is faster, and needs more memory)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    batch_size: int = typer.Option(default("batch_size"), "--batch-size", help="Windows per forward pass (more is faster, and needs more memory)."),
+    dtype: str = typer.Option(default("dtype"), "--dtype", help="float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, auto."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table."),
 ) -> None:
     """Perplexity over non-overlapping windows, KV bytes per token, and the change against --compare."""
     from transmla.data.text import load_text
-    from transmla.evaluate import check_eval_settings, evaluate_models, format_table
+    from transmla.evaluate import evaluate_models, format_table
     from transmla.io.converted import parse_dtype
     from transmla.io.source import load_model, resolve
 
-    check_eval_settings(seq_len, max_windows, batch_size)
+    EvalOptions(seq_len, max_windows, batch_size, dtype).check()
     torch_dtype = parse_dtype(dtype, allow_auto=False)
     target = resolve_device(device)
     text = load_text(text_file=text_file, dataset=dataset)

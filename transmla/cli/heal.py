@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from transmla.data.mixture import source_specs
+from transmla.data.mixture import loose_spec, source_specs
 from transmla.heal.data import parse_tokens
 from transmla.heal.options import HealOptions, HealResult, default
 
@@ -86,12 +86,4 @@ def heal_options_for_convert(tokens: str | None, data: list[str], overwrite: boo
     source spec (self, file:PATH, dataset:NAME, @WEIGHT), a text file, a dataset name or `self-distill`."""
     if tokens is None:
         return None
-    specs = []
-    for item in data:
-        if item in ("self-distill", "self") or item.startswith(("self@", "file:", "dataset:")):
-            specs.append("self" if item == "self-distill" else item)
-        elif Path(item).expanduser().is_file():
-            specs.append(f"file:{item}")
-        else:
-            specs.append(f"dataset:{item}")
-    return HealOptions(tokens=parse_tokens(tokens), data=tuple(specs), overwrite=overwrite)
+    return HealOptions(tokens=parse_tokens(tokens), data=tuple(map(loose_spec, data)), overwrite=overwrite)

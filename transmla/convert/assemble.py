@@ -9,13 +9,13 @@ Given the rotary split (`rope`) and the latent factors (`latent`):
   mapped back to head g (the map E_g below), read from the latent: W_UK_g = E_g A_z.
 * v of group g: W_UV_g = the rows of A_v for head g.
 
-Biases (Qwen2) stay exact: the rotary key's bias is rotated with it, so it stays in k_rope; the bias of the
+Attention biases stay exact: the rotary key's bias is rotated with it, so it stays in k_rope; the bias of the
 position-free key adds q . b to every score of a query, which softmax ignores, so it is dropped; the value bias
 passes through the attention average unchanged (the weights sum to one) and becomes o_proj's bias,
 W_o b_v. If the source scales cos and sin by s (YaRN), the rotary part of a score carries s^2, so q_nope is
 scaled by s^2 as well.
 
-With per-head q/k norms (Qwen3) the layer was converted on its pre-features z = [q_n; k_n; v] (`attention`):
+With q/k norms the layer was converted on its pre-features z = [q_n; k_n; v] (`attention`):
 q_proj then reads only the q_n block and kv_a_proj only [k_n; v] (`on_pre_features`).
 """
 

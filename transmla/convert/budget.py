@@ -25,10 +25,10 @@ import torch
 from transmla.errors import TransMLAError
 
 from .attention import SourceAttention
-from .recipe import LayerSettings, layer_plan, whiten_problem
+from .recipe import LayerSettings, layer_plan
 from .rope import split_rotary
 from .statistics import LayerStats
-from .whiten import weighted_spectrum
+from .whiten import weighted_spectrum, whiten_problem
 
 RANK_FLOOR = 0.5
 
@@ -160,5 +160,5 @@ def layer_spectrum(src: SourceAttention, stats: LayerStats, inv_freq: torch.Tens
         split, q_nope, q_nope_bias = split_rotary(src, plan)
         problem = whiten_problem(src, stats, split.nope_to_heads, split.key_nope, q_nope, q_nope_bias, settings)
         sigma2[rope_dim] = weighted_spectrum(problem).cpu()
-        rope_loss[rope_dim] = settings.score_weight * plan.dropped_cost() / src.head_dim
+        rope_loss[rope_dim] = settings.score_weight * plan.dropped_cost() / src.score_scale_divisor
     return LayerSpectrum(rope_loss, sigma2, scale)

@@ -3,93 +3,64 @@
 Layer l is converted from statistics of its inputs as produced by the already converted layers 0..l-1, so that
 their errors are seen, not compounded blindly. Only the current layer's hidden states are kept ([N, T, hidden],
 float32, in a memory-mapped file when they do not fit in memory); statistics are accumulated in float64 on the
-driver's device. Norms, MLPs, the rotary tables and the converted attention are the shipped modeling code's own
-(`transmla.modeling`), so calibration sees what the converted model computes; only the source attention, whose
-weights the statistics need, is written out here.
+driver's device.
+
+Nothing here computes attention or wires residuals itself: the source layer runs as the family's own transformers
+decoder layer (eager attention, which returns its probabilities), and everything on the converted side (the input
+norm, the pre-features of q/k-normed layers, the converted layer) is the shipped modeling code (`transmla.modeling`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from transmla.families import family_of
 from transmla.io.reader import TensorSource
-from transmla.modeling.modeling_transmla import (SharedRotary, TransMLADecoderLayer, TransMLAMLP, TransMLARMSNorm,
-                                                 apply_rotary, build_masks)
+from transmla.modeling.modeling_transmla import SharedRotary, TransMLADecoderLayer, build_masks, scale_embeddings
 
-from .attention import SourceAttention
+from .attention import PreProjection, SourceAttention
 from .hidden_states import hidden_buffer
-from .model_config import build_config
+from .model_config import build_config, shared_scaling
 from .statistics import LayerStats
 from .whiten import spd_solve
 
 REFIT_TOKENS = 8192  # calibration tokens (queries) that the least-squares value refit uses
+Rotary = list[tuple[torch.Tensor, float]]  # per layer: the source's inverse frequencies and cos/sin scaling
 
 
-def causal_mask(length: int, device: Any) -> torch.Tensor:
-    """[T, T] additive causal mask: 0 where a query may see a key, -inf above the diagonal."""
-    return torch.full((length, length), float("-inf"), device=device).triu(1)
-
-
-def grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q k^T [B, H, T, S] for q [B, H, T, e] and k [B, G, S, e], head h reading group h // (H/G), without
-    repeating the keys."""
-    bsz, heads, length, _ = q.shape
-    groups = k.shape[1]
-    grouped = q.reshape(bsz, groups, heads // groups * length, -1)
-    return (grouped @ k.transpose(-1, -2)).view(bsz, heads, length, k.shape[2])
-
-
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q [B, H, T, e] against k, v [B, G, T, *] under an additive mask: probabilities
-    [B, H, T, T] and the output [B, H, T, d]."""
-    bsz, heads, length, _ = q.shape
-    groups = k.shape[1]
-    probs = grouped_scores(q, k).mul_(scale).add_(mask).softmax(-1)
-    out = probs.view(bsz, groups, -1, length) @ v  # [B, G, (H/G) T, d]
-    return probs, out.view(bsz, heads, length, -1)
-
-
-def source_attention_probs(src: SourceAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of the source layer on x [B, T, h] with the rotary tables cos, sin [T, d] (the
-    source's frequencies in the converted model's rotate-half layout): probabilities [B, H, T, T] and per-head
-    output before o_proj [B, T, H*d] (float32)."""
-    bsz, length, _ = x.shape
-    d, heads, groups = src.head_dim, src.heads, src.groups
-
-    def proj(w: torch.Tensor, b: torch.Tensor | None, n: int) -> torch.Tensor:
-        y = F.linear(x, w.float(), None if b is None else b.float())
-        return y.view(bsz, length, n, d).transpose(1, 2)
-
-    q = apply_rotary(proj(src.q, src.q_bias, heads), cos, sin)
-    k = apply_rotary(proj(src.k, src.k_bias, groups), cos, sin)
-    v = proj(src.v, src.v_bias, groups)
-    mask = causal_mask(length, x.device) if mask is None else mask
-    probs, out = grouped_attention(q, k, v, d**-0.5, mask)
-    return probs, out.transpose(1, 2).reshape(bsz, length, heads * d)
+def source_mask(length: int, window: int | None, device: Any) -> torch.Tensor:
+    """[1, 1, T, T] additive mask of the source's eager attention: 0 where a query sees a key (causal, and within
+    `window` of it in a sliding-window layer), -inf elsewhere."""
+    position = torch.arange(length, device=device)
+    allowed = position[None, :] <= position[:, None]
+    if window is not None:
+        allowed &= position[None, :] > position[:, None] - window
+    return torch.zeros(length, length, device=device).masked_fill_(~allowed, float("-inf"))[None, None]
 
 
 class LayerwiseRunner:
     """Holds the hidden states entering one decoder layer and advances them through converted layers."""
 
-    def __init__(self, tensors: TensorSource, config: Any, input_ids: torch.LongTensor, inv_freq: torch.Tensor,
-                 scaling: float, device: str | torch.device = "cpu", chunk_tokens: int = 4096,
+    def __init__(self, tensors: TensorSource, config: Any, input_ids: torch.LongTensor, rotary: Rotary,
+                 device: str | torch.device = "cpu", chunk_tokens: int = 4096,
                  offload: str = "auto", scratch_dir: Path | None = None, track_source: bool = False) -> None:
         self.tensors, self.config, self.device = tensors, config, torch.device(device)
-        self.scaling = scaling
+        self.family = family_of(config)
+        self.rotary, self.scaling = rotary, shared_scaling(rotary)
         self.samples, self.length = input_ids.shape
         self.batch = max(1, chunk_tokens // self.length)
         embed = tensors.get("model.embed_tokens.weight")  # source dtype: only the looked-up rows become float32
+        multiplier = self.family.embedding_multiplier(config)
         shape = (self.samples, self.length, embed.shape[1])
         self.hidden = self.buffer(shape, offload, scratch_dir)  # [N, T, h]
         for start in range(0, self.samples, self.batch):
-            self.hidden[start:start + self.batch] = embed[input_ids[start:start + self.batch].to(embed.device)].float()
+            rows = embed[input_ids[start:start + self.batch].to(embed.device)]
+            self.hidden[start:start + self.batch] = scale_embeddings(rows, multiplier).float()
         del embed
         # the source model's own hidden states beside the converted ones (for targets that undo the drift)
         self.source_hidden = None
@@ -97,9 +68,11 @@ class LayerwiseRunner:
             self.source_hidden = self.buffer(shape)
             self.source_hidden.copy_(self.hidden)
         self.positions = torch.arange(self.length, device=self.device)[None]
-        cos, sin = SharedRotary(inv_freq.tolist(), scaling).cos_sin(self.positions, torch.float32)
-        self.cos, self.sin = cos[0], sin[0]  # [T, d]
-        self.mask = causal_mask(self.length, self.device)
+        self.windows = self.family.sliding_windows(config)
+        self.source_rotary = self.family.source_rotary(config).to(self.device)
+        self._cos_sin: dict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._source: tuple[int, torch.nn.Module] | None = None
+        self._shells: dict[tuple[int, bool], TransMLADecoderLayer] = {}
         # The value refit solves (R+1)-wide least squares per group: REFIT_TOKENS queries are ample.
         self.refit_samples = max(1, min(self.samples, REFIT_TOKENS // self.length))
 
@@ -110,15 +83,76 @@ class LayerwiseRunner:
             self._placement = (offload, scratch_dir)
         return hidden_buffer(shape or tuple(self.hidden.shape), self.device, *self._placement)
 
-    def norm(self, layer: int, name: str = "input_layernorm") -> TransMLARMSNorm:
-        """The source's RMSNorm `name` of layer l, as the converted model runs it."""
-        weight = self.tensors.get(f"model.layers.{layer}.{name}.weight", torch.float32)
-        norm = TransMLARMSNorm(weight.shape[0], eps=float(self.config.rms_norm_eps))
-        norm.weight.data.copy_(weight)
-        return norm.to(self.device)
+    def cos_sin(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, d] of the source's frequencies of layer l, in the converted model's rotate-half layout."""
+        key = tuple(self.rotary[layer][0].tolist())
+        if key not in self._cos_sin:
+            cos, sin = SharedRotary(list(key), self.scaling).cos_sin(self.positions, torch.float32)
+            self._cos_sin[key] = cos[0], sin[0]
+        return self._cos_sin[key]
+
+    def shell(self, layer: int, pre: PreProjection | None = None) -> TransMLADecoderLayer:
+        """The converted decoder layer l's input side as the shipped code runs it: its input norm, and with `pre` its
+        pre-feature projections and q/k norms (the rest of the layer is left unmaterialised on the meta device)."""
+        key = (layer, pre is not None)
+        if key not in self._shells:
+            prefix = f"model.layers.{layer}."
+            state = {k[len(prefix):]: self.tensors.get(k, torch.float32) for k in self.tensors.keys()
+                     if k.startswith(prefix + "input_layernorm.")}
+            if pre is not None:
+                state |= {f"self_attn.{k}": v.float() for k, v in pre.tensors().items()}
+            inv_freq = self.rotary[layer][0].tolist()
+            config = build_config(self.config, [1], [inv_freq], self.scaling, {"model.layers.0." + k for k in state},
+                                  layer=layer)
+            with torch.device("meta"):
+                module = TransMLADecoderLayer(config, 0)
+            module.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=False, assign=True)
+            self._shells = {k: v for k, v in self._shells.items() if k[0] == layer} | {key: module.eval()}
+        return self._shells[key]
+
+    def norm(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What layer l's attention reads from its hidden state (the input norm, where the family has one)."""
+        return self.shell(layer).attention_input
+
+    def features(self, layer: int, src: SourceAttention, x: torch.Tensor) -> torch.Tensor:
+        """The converted layer's input from the attention input x: x itself, or the pre-features z = [q_n; k_n; v]."""
+        if src.pre is None:
+            return x
+        return torch.cat(self.shell(layer, src.pre).self_attn.projection_inputs(x), dim=-1)
+
+    def source_layer(self, layer: int) -> torch.nn.Module:
+        """The source's decoder layer l as the family's transformers code (float32, eager attention)."""
+        if self._source is None or self._source[0] != layer:
+            prefix = f"model.layers.{layer}."
+            state = {k[len(prefix):]: self.tensors.get(k, torch.float32) for k in self.tensors.keys()
+                     if k.startswith(prefix)}
+            self._source = (layer, self.family.source_layer(self.config, layer, state).to(self.device))
+        return self._source[1]
+
+    def source_inputs(self, layer: int, x: torch.Tensor) -> dict[str, Any]:
+        """The keyword arguments of the source layer besides its hidden states: rotary tables and mask."""
+        rotary = self.family.position_embeddings(self.source_rotary, x, self.positions, layer, self.config)
+        return {"position_embeddings": rotary, "attention_mask": source_mask(self.length, self.windows[layer], x.device)}
+
+    def source_attention(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source attention of layer l on its input x [B, T, h]: probabilities [B, H, T, T] and the per-head
+        outputs [B, T, H*d] that o_proj reads."""
+        attention = self.source_layer(layer).self_attn
+        heads: list[torch.Tensor] = []
+        hook = attention.o_proj.register_forward_pre_hook(lambda module, args: heads.append(args[0]))
+        try:
+            _, probs = attention(hidden_states=x, **self.source_inputs(layer, x))
+        finally:
+            hook.remove()
+        return probs, heads[0]
+
+    def source_output(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The source attention's output after o_proj, without o_proj's own bias."""
+        _, heads = self.source_attention(layer, x)
+        return F.linear(heads, self.source_layer(layer).self_attn.o_proj.weight)
 
     def chunks(self, layer: int, rows: range | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(sample slice, normalised attention input x [B, T, h]) over the calibration sequences `rows` (all)."""
+        """(sample slice, attention input x [B, T, h]) over the calibration sequences `rows` (all)."""
         norm = self.norm(layer)
         rows = range(self.samples) if rows is None else rows
         for start in range(rows.start, rows.stop, self.batch):
@@ -134,18 +168,18 @@ class LayerwiseRunner:
         """
         h, heads, half = src.k.shape[1], src.heads, src.head_dim // 2
         dev, f64 = self.device, torch.float64
-        src32 = _to(src, torch.float32, dev)
         total = torch.zeros(h, dtype=f64, device=dev)
         second = torch.zeros(h, h, dtype=f64, device=dev)
         vmean = torch.zeros(heads, h, dtype=f64, device=dev)
         vsecond = torch.zeros(h, h, dtype=f64, device=dev)
         rot = torch.zeros(heads, half, 2, dtype=f64, device=dev)
-        cs = torch.cat([self.cos[:, :half], self.sin[:, :half]], dim=-1) / self.scaling  # [T, 2F]: cos, sin of s*theta
+        cos, sin = self.cos_sin(layer)
+        cs = torch.cat([cos[:, :half], sin[:, :half]], dim=-1) / self.scaling  # [T, 2F]: cos, sin of s*theta
         cos_t, sin_t = cs[:, :half], cs[:, half:]
         count = 0
         for _, x in self.chunks(layer, rows):
-            x = src32.inputs(x)  # the pre-features z when the layer has per-head q/k norms
-            probs, _ = source_attention_probs(src32, x, self.cos, self.sin, self.mask)
+            probs, _ = self.source_attention(layer, x)
+            x = self.features(layer, src, x)  # the pre-features z when the layer has q/k norms
             bsz, length = x.shape[:2]
             flat = x.reshape(-1, h)
             total += flat.sum(0).to(f64)
@@ -176,11 +210,9 @@ class LayerwiseRunner:
         """Mean squared difference between the source's and a converted attention's outputs (after o_proj) on
         the current inputs of the calibration sequences `rows` (all): the layer's local calibration loss."""
         module = self.converted_layer(layer, attention, rank, rope_inv_freq).self_attn
-        src32 = _to(src, torch.float32, self.device)
         total, count = 0.0, 0
         for _, x in self.chunks(layer, rows):
-            _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin, self.mask)
-            ref = F.linear(out, src32.o, None)
+            ref = self.source_output(layer, x)
             bsz, length, _ = x.shape
             mask, key_mask = build_masks(None, bsz, length, length, self.device)
             got = module(x, self.positions.expand(bsz, -1), mask, key_mask, None)
@@ -202,7 +234,6 @@ class LayerwiseRunner:
         off, b_g = 0 and None). `rows`: the calibration sequences used (default: the first REFIT_TOKENS tokens).
         """
         d, heads, groups = src.head_dim, src.heads, src.groups
-        src32 = _to(src, torch.float32, self.device)
         gh = src.group_of_head.to(self.device)
         o_heads = src.o.view(src.o.shape[0], heads, d).permute(1, 0, 2)
         w = (o_heads.pow(2).sum(dim=(1, 2)) / d).to(self.device, torch.float64)
@@ -212,8 +243,8 @@ class LayerwiseRunner:
         module = self.converted_layer(layer, attention, rank, rope_inv_freq).self_attn
         rows = range(self.refit_samples) if rows is None else range(rows.start, min(rows.stop, rows.start + self.refit_samples))
         for _, x in self.chunks(layer, rows):
-            _, out = source_attention_probs(src32, src32.inputs(x), self.cos, self.sin, self.mask)
-            probs, latent = module.attention_weights(x, self.positions.expand(x.shape[0], -1), self.mask)
+            _, out = self.source_attention(layer, x)
+            probs, latent = module.attention_weights(x, self.positions.expand(x.shape[0], -1))
             cbar = probs @ latent[:, None]  # [B, H, T, R]
             if bias:
                 cbar = torch.cat([cbar, torch.ones_like(cbar[..., :1])], dim=-1)
@@ -232,29 +263,16 @@ class LayerwiseRunner:
         return up_value, torch.einsum("hxd,hd->x", o_heads.to(sol), sol[..., rank][gh])
 
     @torch.no_grad()
-    def advance_source(self, layer: int, src: SourceAttention, o_bias: torch.Tensor | None, tracked: bool = False) -> None:
+    def advance_source(self, layer: int, tracked: bool = False) -> None:
         """Run the source's own layer l on the hidden states (for a pass that only measures), or with `tracked` on
         the source model's own hidden states that a converting pass carries beside its converted ones."""
         buffer = self.source_hidden if tracked else self.hidden
-        src32 = _to(src, torch.float32, self.device)
-        post, mlp = self.norm(layer, "post_attention_layernorm"), self.mlp(layer)
-        ob = None if o_bias is None else o_bias.to(self.device, torch.float32)
-        norm = self.norm(layer)
+        module = self.source_layer(layer)
         for start in range(0, self.samples, self.batch):
             rows = slice(start, min(start + self.batch, self.samples))
             hidden = buffer[rows].to(self.device)
-            _, out = source_attention_probs(src32, src32.inputs(norm(hidden)), self.cos, self.sin, self.mask)
-            hidden = hidden + F.linear(out, src32.o, ob)
-            buffer[rows] = (hidden + mlp(post(hidden))).to(buffer.device)
-
-    def mlp(self, layer: int) -> TransMLAMLP:
-        """The source's MLP of layer l, as the converted model runs it."""
-        config = build_config(self.config, [1], [[1.0]], self.scaling, set(), layers=1)  # attention sizes unused
-        mlp = TransMLAMLP(config)
-        prefix = f"model.layers.{layer}.mlp."
-        mlp.load_state_dict({k[len(prefix):]: self.tensors.get(k, torch.float32) for k in self.tensors.keys()
-                             if k.startswith(prefix)})
-        return mlp.to(self.device)
+            hidden = module(hidden, position_ids=self.positions, **self.source_inputs(layer, hidden))
+            buffer[rows] = hidden.to(buffer.device)
 
     def residual_energy(self) -> float:
         """Mean squared norm of the hidden states entering the current layer."""
@@ -267,9 +285,9 @@ class LayerwiseRunner:
         state = {f"self_attn.{k}": v.float() for k, v in attention.items()}
         for key in self.tensors.keys():
             if key.startswith(prefix) and ".self_attn." not in key:
-                state[key[len(prefix):]] = self.tensors.get(key, torch.float32)
+                state |= self.family.layer_tensor(key[len(prefix):], self.tensors.get(key, torch.float32))
         config = build_config(self.config, [rank], [rope_inv_freq], self.scaling, {"model.layers.0." + k for k in state},
-                              layers=1)
+                              layer=layer)
         module = TransMLADecoderLayer(config, 0)
         module.load_state_dict(state, strict=True)
         return module.to(self.device).eval()
@@ -278,7 +296,3 @@ class LayerwiseRunner:
         bsz, length, _ = hidden.shape
         mask, key_mask = build_masks(None, bsz, length, length, self.device)
         return module(hidden, self.positions.expand(bsz, -1), mask, key_mask, None)
-
-
-def _to(src: SourceAttention, dtype: torch.dtype, device: torch.device) -> SourceAttention:
-    return src.to(device, dtype)

@@ -3,50 +3,40 @@ the source model itself (the default: it follows the model's own distribution an
 
 from __future__ import annotations
 
-import torch
-
 from typing import Any
 
-from transmla.data.mixture import TextSource, describe, shares
+import torch
+
+from transmla.data.mixture import SELF, describe, shares
 from transmla.data.sampling import SAMPLE_DTYPE, Draw, cached_samples, rows_for, sampler_record
-from transmla.data.text import calibration_windows, load_text
+from transmla.data.text import source_windows
 from transmla.io.source import Source
 
 from .options import ConvertOptions
 
 
 def calibration_ids(source: Source, options: ConvertOptions, progress: bool = False) -> torch.LongTensor:
-    """[calib_samples, calib_seq_len] token windows: each source's share of the samples, in the mixture's order."""
+    """[calib_samples, calib_seq_len] token windows: each source's share of the samples, in the mixture's order
+    (windows drawn from a text's validation split, or sampled from the model)."""
     mixture = options.sources()
-    parts = []
-    for text_source, count in zip(mixture, shares(mixture, options.calib_samples)):
-        if count:
-            make = sampled_ids if text_source.kind == "self" else text_ids
-            parts.append(make(source, text_source, count, options, progress))
+    tokenizer = calibration_tokenizer(source, options)
+    parts = [source_windows(text_source, count, options.calib_seq_len, tokenizer, "validation",
+                            lambda n: sampled_ids(source, n, options, progress), seed=options.calib_seed)
+             for text_source, count in zip(mixture, shares(mixture, options.calib_samples)) if count]
     if progress and len(mixture) > 1:
         print(f"calibration: {options.calib_samples} x {options.calib_seq_len} tokens of {describe(mixture)}")
     return torch.cat(parts)
 
 
-def check_calibration_text(source: Source, options: ConvertOptions) -> None:
-    """Before any work: text sources need the source's tokenizer (sampling from the model needs none)."""
-    if options.calibrated and any(s.kind != "self" for s in options.sources()):
-        source.require_tokenizer("calibration text")
+def calibration_tokenizer(source: Source, options: ConvertOptions) -> Any:
+    """The tokenizer that the calibration text needs (None where all of it is sampled from the model); one clear
+    error, before any work, where a text source needs one and the source has none."""
+    if options.calibrated and any(s.kind != SELF for s in options.sources()):
+        return source.require_tokenizer("calibration text")
+    return None
 
 
-def text_ids(source: Source, text_source: TextSource, count: int, options: ConvertOptions,
-             progress: bool = False) -> torch.LongTensor:
-    """`count` windows of a text file or of a hub dataset's validation split."""
-    tokenizer = source.require_tokenizer("calibration text")
-    if text_source.kind == "file":
-        text = load_text(text_file=text_source.value)
-    else:
-        text = load_text(dataset=text_source.value, split="validation")
-    return calibration_windows(tokenizer, text, options.calib_seq_len, count, seed=options.calib_seed)
-
-
-def sampled_ids(source: Source, text_source: TextSource, count: int, options: ConvertOptions,
-                progress: bool = False) -> torch.LongTensor:
+def sampled_ids(source: Source, count: int, options: ConvertOptions, progress: bool = False) -> torch.LongTensor:
     """`count` windows sampled from the source model on `options.device` (cached in the user cache)."""
 
     def load() -> torch.nn.Module:

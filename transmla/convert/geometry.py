@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transmla.errors import TransMLAError
-from transmla.io.source import QK_NORM_ARCHITECTURES
+from transmla.families import family_of
 
 from .latent import max_latent_rank
 
@@ -20,16 +20,18 @@ class Geometry:
     groups: int
     head_dim: int
     layers: int
-    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3): the layer is converted on its pre-features
+    qk_norm: bool = False  # RMSNorm on q and k before RoPE: the layer is converted on its pre-features
     norm_eps: float = 1e-6
+    score_divisor: float | None = None  # n of the softmax scale n ** -0.5 (None: head_dim, the usual scale)
 
     @classmethod
     def of(cls, config: Any) -> "Geometry":
+        family = family_of(config)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         groups = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        qk_norm = getattr(config, "model_type", None) in QK_NORM_ARCHITECTURES
         return cls(config.hidden_size, config.num_attention_heads, groups, head_dim, config.num_hidden_layers,
-                   qk_norm, float(getattr(config, "rms_norm_eps", 1e-6)))
+                   family.qk_norm is not None, float(getattr(config, "rms_norm_eps", 1e-6)),
+                   family.score_divisor(config))
 
     @property
     def kv_values(self) -> int:

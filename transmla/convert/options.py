@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from transmla.data.mixture import TextSource, parse_sources
+from transmla.defaults import MAX_SHARD_BYTES, default_of
 from transmla.errors import TransMLAError
 from transmla.io.converted import parse_dtype
 
 from .geometry import Geometry
+from .methods import METHODS, calibrated_methods, method
 from .refine import TARGETS as REFINE_TARGETS
 from .rope import ROPE_SELECTIONS
 
-METHODS = ("svd", "pca", "whiten")
-CALIBRATED = ("pca", "whiten")
 ALLOCATIONS = ("uniform", "energy", "loss")
 OFFLOAD_MODES = ("auto", "never", "always")
 FREQFOLD_AUTO = (1, 2, 4)  # the folds that `--freqfold auto` tries per layer
@@ -56,14 +56,14 @@ class ConvertOptions:
     refine_target: str = "residual"  # local | residual (refine.py; measured: docs/calibration.md)
     refine_output: bool = True  # o_proj's weight refines too
     output_bias: bool = True  # whiten: an o_proj bias for the mean value error (off: stock DeepSeek-V3 can serve it)
-    max_shard_bytes: int = 5 * 2**30
+    max_shard_bytes: int = MAX_SHARD_BYTES
     overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def calibrated(self) -> bool:
         """Whether the method measures activations on calibration text."""
-        return self.method in CALIBRATED
+        return self.method in METHODS and METHODS[self.method].calibrated
 
     def rank(self, geo: Geometry) -> int:
         """The uniform latent width: given, or half of the source's KV cache minus the rotary key."""
@@ -109,8 +109,7 @@ class ConvertOptions:
             if self.rope_per_frequency and self.rope_dim > geo.head_dim:
                 raise TransMLAError(f"--rope-dim {self.rope_dim} is too wide for one component per frequency: use at most {geo.head_dim} (the head width)")
             geo.check(self.rank(geo), self.rope_dim)
-        if self.method not in METHODS:
-            raise TransMLAError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        method(self.method)
         if self.kv_budget is not None and self.kv_lora_rank is not None:
             raise TransMLAError("--kv-budget chooses the latent width itself: leave out --kv-lora-rank (or --kv-budget)")
         if self.kv_budget is not None and not 0 < self.kv_budget <= 1:
@@ -120,7 +119,7 @@ class ConvertOptions:
         if self.refine_steps is not None and self.refine_steps < 0:
             raise TransMLAError(f"--refine {self.refine_steps} must be a number of steps, 0 or more")
         if self.refine_steps and not self.calibrated:
-            raise TransMLAError(f"--refine needs calibration text: use --method whiten or pca, not {self.method}")
+            raise TransMLAError(f"--refine needs calibration text: use --method {' or '.join(calibrated_methods())}, not {self.method}")
         if self.refine_target not in REFINE_TARGETS:
             raise TransMLAError(f"--refine-target {self.refine_target!r} is not one of {', '.join(REFINE_TARGETS)}")
         if not self.refine_lr > 0:
@@ -147,7 +146,7 @@ class ConvertOptions:
         if self.max_shard_bytes <= 0:
             raise TransMLAError(f"--max-shard-size must be positive, got {self.max_shard_bytes / 2**30:g} GiB")
         if not self.calibrated and self.calib_sources:
-            raise TransMLAError(f"--method {self.method} reads no calibration text: leave out --calib-source/--calib-file/--calib-dataset, or use --method whiten")
+            raise TransMLAError(f"--method {self.method} reads no calibration text: leave out --calib-source/--calib-file/--calib-dataset, or use --method {calibrated_methods()[0]}")
         if self.calibrated:
             self.sources()
             if self.calib_temperature <= 0:
@@ -160,4 +159,4 @@ class ConvertOptions:
 
 def default(name: str) -> Any:
     """The default of one ConvertOptions field (for the command line, so that each default is written once)."""
-    return next(f.default for f in fields(ConvertOptions) if f.name == name)
+    return default_of(ConvertOptions, name)

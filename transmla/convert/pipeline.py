@@ -17,20 +17,20 @@ from tqdm.auto import tqdm
 from transmla import __version__
 from transmla.determinism import deterministic
 from transmla.errors import TransMLAError
-from transmla.io.checks import check_output_location, check_source_tensors
+from transmla.io.checks import LAYER_KEY, check_output_location, check_source_tensors, model_tensors
 from transmla.io.converted import config_dtype, copy_modeling_files, parse_dtype, write_record
 from transmla.io.output_dir import atomic_output_dir, check_free_disk, cleanup_stale_temp_dirs
 from transmla.io.reader import TensorSource
 from transmla.io.source import Source, open_source
 from transmla.io.writer import ShardedSafetensorsWriter
 
+from .attention import attention_weights
 from .budget import Sizes
-from .calibration_data import calibration_ids, check_calibration_text
+from .calibration_data import calibration_ids, calibration_tokenizer
 from .geometry import Geometry
-from .model_config import build_config
+from .model_config import build_config, shared_scaling
 from .options import GPU_CALIB_SAMPLES, GPU_REFINE_STEPS, ConvertOptions
 from .recipe import LayerSettings
-from .rope import source_rope
 from .stream import LayerStream
 
 
@@ -56,7 +56,7 @@ def _convert(spec: str, out: Path, options: ConvertOptions, progress: bool) -> P
     dtype = parse_dtype(resolved.dtype) or config_dtype(source.config)
     check_before_work(source, out, dtype)
     check_output_bias(source, resolved)
-    check_calibration_text(source, resolved)
+    calibration_tokenizer(source, resolved)
     print_notes(source, spec, options, resolved)
     options = resolved
     ids = calibration_ids(source, options, progress) if needs_text(options, geo) else None
@@ -89,8 +89,8 @@ def convert_in_memory(source: Source, options: ConvertOptions, settings: LayerSe
         freqs.append(layer_freq)
     for key in source.tensors.keys():
         if ".self_attn." not in key and not key.endswith("rotary_emb.inv_freq"):
-            state[key] = source.tensors.get(key, torch.float32)
-    config = build_config(source.config, sizes.ranks, freqs, source_rope(source.config)[1], set(state),
+            state |= converted_tensors(source, key, source.tensors.get(key, torch.float32))
+    config = build_config(source.config, sizes.ranks, freqs, stream.scaling, set(state),
                           source_name=source.name, dtype=torch.float32)
     model = TransMLAForCausalLM(config)
     if config.tie_word_embeddings:
@@ -109,7 +109,7 @@ def needs_text(options: ConvertOptions, geo: Geometry) -> bool:
 def check_before_work(source: Source, out: Path, dtype: torch.dtype) -> None:
     """The output location, the source's tensors and the free disk space, before anything heavy."""
     check_output_location(out, source.folder if source.gguf_file is None else source.folder / source.gguf_file)
-    check_source_tensors(source.tensors, source.config, source.name)
+    check_source_tensors(source.tensors, source.config, source.name, model_tensors(source.config))
     cleanup_stale_temp_dirs(out)  # a killed run's leftovers would otherwise count against the free space
     check_free_disk(out.parent if out.parent != Path("") else Path("."), estimate_output_bytes(source.tensors, dtype))
 
@@ -121,8 +121,6 @@ def print_notes(source: Source, spec: str, given: ConvertOptions, options: Conve
             and (given.calib_samples is None or given.refine_steps is None):
         tqdm.write(CPU_CALIBRATION_NOTE.format(samples=options.calib_samples, full=GPU_CALIB_SAMPLES,
                                                seq_len=options.calib_seq_len, steps=GPU_REFINE_STEPS))
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        tqdm.write(f"note: the source uses a sliding window of {config.sliding_window}; the converted model attends to the whole context")
     if source.load_tokenizer() is None:
         tqdm.write(f"note: {spec} has no tokenizer files; the converted folder is written without them (copy them in to use it with AutoTokenizer)")
 
@@ -131,7 +129,8 @@ def check_output_bias(source: Source, options: ConvertOptions) -> None:
     """Without an output bias (DeepSeek-V3's form) a source's own attention biases have nowhere to go."""
     if options.output_bias:
         return
-    biased = [f"{name}_proj.bias" for name in "qkvo" if source.tensors.has(f"model.layers.0.self_attn.{name}_proj.bias")]
+    weights = attention_weights(source.tensors, 0, source.family)
+    biased = [f"{name}_proj.bias" for name in "qkvo" if getattr(weights, f"{name}_bias") is not None]
     if biased:
         raise TransMLAError(f"{source.name} has attention biases ({', '.join(biased)}), which the converted model keeps "
                             "in biases of its own that stock DeepSeek-V3 (--format deepseek, --no-output-bias) can not "
@@ -168,7 +167,7 @@ def write_checkpoint(folder: Path, source: Source, layers: Iterable[tuple[int, d
             other_keys.append(key)
     last = ("model.norm", "lm_head")
     for key in [k for k in other_keys if not k.startswith(last)]:
-        emit(key, tensors.get(key))
+        emit(key, tensors.get(key))  # the embeddings
     release(tensors)  # unmap the embeddings' pages before the layers
     inv_freqs = []
     for layer, converted, layer_freq in layers:
@@ -176,7 +175,8 @@ def write_checkpoint(folder: Path, source: Source, layers: Iterable[tuple[int, d
             emit(f"model.layers.{layer}.self_attn.{name}", tensor.cpu())
         for key in layer_keys.get(layer, []):
             if ".self_attn." not in key:
-                emit(key, tensors.get(key))
+                for name, tensor in converted_tensors(source, key, tensors.get(key)).items():
+                    emit(name, tensor)
         inv_freqs.append(layer_freq)
         release(tensors)  # only one layer's pages stay resident
     for key in [k for k in other_keys if k.startswith(last)]:
@@ -186,7 +186,7 @@ def write_checkpoint(folder: Path, source: Source, layers: Iterable[tuple[int, d
     conversion = {"method": options.method, "rope_dim": options.rope_dim, "kv_lora_rank": sizes.ranks,
                   "rope_context": options.rope_context, "rope_per_frequency": options.rope_per_frequency,
                   "transmla_version": __version__, **options.extra}
-    scaling = source_rope(source.config)[1]
+    scaling = shared_scaling(source.family.rotary(source.config))
     config = build_config(source.config, sizes.ranks, inv_freqs, scaling, written, source_name=source.name,
                           conversion=conversion, dtype=dtype)
     config.save_pretrained(folder)
@@ -195,6 +195,16 @@ def write_checkpoint(folder: Path, source: Source, layers: Iterable[tuple[int, d
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     source.load_generation_config().save_pretrained(folder)
+
+
+def converted_tensors(source: Source, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A source tensor outside the attention under the converted checkpoint's names (its family splits fused
+    projections)."""
+    match = LAYER_KEY.match(key)
+    if match is None:
+        return {key: tensor}
+    prefix = match.group(0)
+    return {prefix + name: part for name, part in source.family.layer_tensor(key[len(prefix):], tensor).items()}
 
 
 def release(tensors: TensorSource) -> None:

@@ -1,9 +1,9 @@
 r"""The per-layer recipe: one source attention layer and what is known of its inputs in, latent-attention tensors out.
 
 Every method runs the same steps: plan the shared rotary key (`rope`), split the layer into its rotary part and
-its position-free keys, factor those keys and the values into one latent (`latent`: `svd` of the weights, `pca`
-of the activations; `whiten`: covariance-aware), assemble the converted tensors (`assemble`). The weights-only
-method is this recipe with the identity statistics of isotropic inputs (`LayerStats.identity`).
+its position-free keys, factor those keys and the values into one latent (the method's factorisation, `methods`),
+assemble the converted tensors (`assemble`). The weights-only method is this recipe with the identity statistics
+of isotropic inputs (`LayerStats.identity`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import torch
 
 from .assemble import assemble_layer, on_pre_features
 from .attention import SourceAttention
-from .latent import LatentFactors, balanced_pca, svd_latent
+from .latent import LatentFactors
+from .methods import LayerFit, method
 from .rope import RopePlan, plan_rope, rope_stats, split_rotary
 from .statistics import LayerStats
-from .whiten import WeightedProblem, floored, weighted_latent
+from .whiten import head_blocks
 
 
 @dataclass
@@ -41,38 +42,11 @@ class LayerSettings:
         """The settings of `options` (a resolved ConvertOptions); `freqfold auto` starts from 1."""
         values = dict(method=options.method, rope_select=options.rope_select,
                       freqfold=1 if str(options.freqfold) == "auto" else int(options.freqfold),
-                      shrink=options.method != "svd" and options.query_shrink, score_weight=options.score_weight,
+                      shrink=method(options.method).shrinks_queries and options.query_shrink,
+                      score_weight=options.score_weight,
                       rope_context=options.rope_context, per_frequency=options.rope_per_frequency,
                       output_bias=options.output_bias)
         return cls(**{**values, **overrides})
-
-
-def head_blocks(o: torch.Tensor, heads: int) -> torch.Tensor:
-    """o_proj [hidden, H*d] as per-head blocks [H, hidden, d]."""
-    return o.view(o.shape[0], heads, -1).permute(1, 0, 2)
-
-
-def key_weight_matrix(q_nope: torch.Tensor, q_bias: torch.Tensor | None, nope_to_heads: torch.Tensor,
-                      second: torch.Tensor, mean: torch.Tensor, src: SourceAttention) -> torch.Tensor:
-    """M_z = scale^2 sum_h E_g^T E[q_h q_h^T] E_g over the position-free key components."""
-    d, heads = src.head_dim, src.heads
-    qh = q_nope.view(heads, d, -1)
-    qq = torch.einsum("hdx,xy,hey->hde", qh, second, qh)
-    if q_bias is not None:
-        b = q_bias.view(heads, d)
-        qm = torch.einsum("hdx,x->hd", qh, mean)
-        qq = qq + torch.einsum("hd,he->hde", qm, b) + torch.einsum("hd,he->hde", b, qm) + torch.einsum("hd,he->hde", b, b)
-    e = nope_to_heads[src.group_of_head]  # [H, d, Z]
-    return torch.einsum("hdz,hde,hew->zw", e, qq, e) / d
-
-
-def value_weight_matrix(src: SourceAttention) -> torch.Tensor:
-    """M_v = blockdiag_g sum_{h in g} W_o,h^T W_o,h."""
-    o = head_blocks(src.o, src.heads)  # [H, hidden, d]
-    per_head = torch.einsum("hxd,hxe->hde", o, o)
-    blocks = torch.zeros(src.groups, src.head_dim, src.head_dim, dtype=o.dtype, device=o.device)
-    blocks.index_add_(0, src.group_of_head.to(o.device), per_head)
-    return torch.block_diag(*blocks)
 
 
 def layer_plan(src: SourceAttention, stats: LayerStats, inv_freq: torch.Tensor, rope_dim: int,
@@ -90,36 +64,15 @@ def convert_layer(src: SourceAttention, stats: LayerStats, inv_freq: torch.Tenso
     frequencies. On pre-features, q_proj and kv_a_proj are narrowed to what the converted layer feeds them."""
     plan = layer_plan(src, stats, inv_freq, rope_dim, settings)
     split, q_nope, q_nope_bias = split_rotary(src, plan)
-    value_mean = None
-    if settings.method == "svd":
-        latent = svd_latent(split.key_nope, src.v, rank, settings.latent_key_scale)
-    elif settings.method == "pca":
-        latent = balanced_pca(split.key_nope, src.v, stats.second.to(src.k.dtype), rank)
-    else:
-        problem = whiten_problem(src, stats, split.nope_to_heads, split.key_nope, q_nope, q_nope_bias, settings)
-        latent = weighted_latent(problem, rank, iterations=settings.iterations)
-        value_mean = stats.value_mean.to(src.k.dtype) if settings.output_bias else None
+    latent, value_mean = method(settings.method).factor(LayerFit(src, stats, split, q_nope, q_nope_bias, rank, settings))
     shaped = SourceAttention(q_nope, src.k, src.v, src.o, q_nope_bias, src.k_bias, src.v_bias,
-                             src.heads, src.groups, src.head_dim)
+                             src.heads, src.groups, src.head_dim, score_divisor=src.score_divisor)
     # assemble_layer builds q_rope from the split and takes q_nope from `shaped.q` (shrunk where asked).
     out = assemble_layer(shaped, split, latent, scaling)
     if value_mean is not None:
         correction = value_bias_correction(src, latent, value_mean)
         out["o_proj.bias"] = out.get("o_proj.bias", 0) + correction
     return (out if src.pre is None else on_pre_features(out, src.pre)), plan.kept_inv_freq
-
-
-def whiten_problem(src: SourceAttention, stats: LayerStats, nope_to_heads: torch.Tensor, key_nope: torch.Tensor,
-                   q_nope: torch.Tensor, q_nope_bias: torch.Tensor | None, settings: LayerSettings) -> WeightedProblem:
-    dt = src.k.dtype
-    second, mean = stats.second.to(dt), stats.mean.to(dt)
-    key_w = key_weight_matrix(q_nope, q_nope_bias, nope_to_heads, second, mean, src)
-    value_w = value_weight_matrix(src)
-    token_cov = stats.memo(("token_cov", dt), lambda: floored(stats.cov.to(dt)))
-    # with an output bias to absorb it the mean value error costs nothing (centred moments); without, it counts
-    value_cov = stats.memo(("value_cov", dt, settings.output_bias),
-                           lambda: floored((stats.value_cov() if settings.output_bias else stats.value_second).to(dt)))
-    return WeightedProblem(key_nope, src.v, settings.score_weight * key_w, value_w, token_cov, value_cov)
 
 
 def value_bias_correction(src: SourceAttention, latent: LatentFactors, value_mean: torch.Tensor) -> torch.Tensor:

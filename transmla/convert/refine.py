@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .attention import SourceAttention
 
@@ -73,9 +72,8 @@ def refine_layer(runner: Any, layer: int, src: SourceAttention, attention: dict[
     train_rows = runner.samples - held
     if train_rows < 1:
         return attention, RefineReport(math.nan, math.nan, False)
-    src32 = src.to(runner.device, torch.float32)
     norm = runner.norm(layer)
-    targets = layer_targets(runner, layer, src32, settings.target)  # [N, T, hidden]
+    targets = layer_targets(runner, layer, settings.target)  # [N, T, hidden]
     measure = lambda: relative_error(runner, norm, module, targets, range(train_rows, runner.samples))  # noqa: E731
     before = measure()
     trained = TRAINED + (("o_proj",) if settings.train_output else ())
@@ -110,26 +108,18 @@ def refine_layer(runner: Any, layer: int, src: SourceAttention, attention: dict[
 
 
 @torch.no_grad()
-def layer_targets(runner: Any, layer: int, src32: SourceAttention, target: str) -> torch.Tensor:
+def layer_targets(runner: Any, layer: int, target: str) -> torch.Tensor:
     """The target y of every calibration sequence [N, T, hidden] (float32, where the hidden states live)."""
     inputs = runner.hidden if target == "local" else runner.source_hidden
     norm = runner.norm(layer)
     out = runner.buffer()
     for start in range(0, runner.samples, runner.batch):
         rows = slice(start, min(start + runner.batch, runner.samples))
-        y = source_output(runner, src32, norm(inputs[rows].to(runner.device)))
+        y = runner.source_output(layer, norm(inputs[rows].to(runner.device)))
         if target == "residual":
             y = y + (runner.source_hidden[rows] - runner.hidden[rows]).to(y)
         out[rows] = y.to(out.device)
     return out
-
-
-def source_output(runner: Any, src32: SourceAttention, x: torch.Tensor) -> torch.Tensor:
-    """The source attention's output after o_proj (without its bias) on x."""
-    from .calibration import source_attention_probs
-
-    _, out = source_attention_probs(src32, src32.inputs(x), runner.cos, runner.sin, runner.mask)
-    return F.linear(out, src32.o)
 
 
 def attention_output(runner: Any, module: Any, x: torch.Tensor) -> torch.Tensor:

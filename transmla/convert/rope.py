@@ -59,14 +59,6 @@ from .attention import SourceAttention, pair_blocks
 ROPE_SELECTIONS = ("rotate", "norm", "high-freq", "uniform")
 
 
-def source_rope(config) -> tuple[torch.Tensor, float]:
-    """The source model's inverse frequencies (any RoPE scaling applied) and cos/sin scaling factor."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    rotary = LlamaRotaryEmbedding(config=config)
-    return rotary.inv_freq.double().cpu(), float(rotary.attention_scaling)
-
-
 def drop_cost_weight(inv_freq: torch.Tensor, context: int) -> torch.Tensor:
     """Mean over distances in [0, context] of |R(Delta theta) - I|^2 / |x|^2 = 2 (1 - cos(Delta theta))."""
     x = inv_freq * context

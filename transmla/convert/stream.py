@@ -28,8 +28,9 @@ from .calibration_data import sampling_record
 from .geometry import Geometry
 from .options import FREQFOLD_AUTO, ConvertOptions
 from .recipe import LayerSettings, convert_layer, replace_values
+from .methods import method
+from .model_config import shared_scaling
 from .refine import RefineReport, RefineSettings, refine_layer
-from .rope import source_rope
 from .statistics import LayerStats
 
 SPLIT_LAYERS = 8  # layers on which each candidate split is measured (evenly spaced)
@@ -48,10 +49,15 @@ class LayerStream:
         self.source, self.geo, self.options, self.ids = source, geo, options, ids
         self.settings = settings or LayerSettings.of(options)
         self.device = torch.device(options.device)
-        self.inv_freq, self.scaling = source_rope(source.config)
+        self.family = source.family
+        self.rotary = self.family.rotary(source.config)  # per layer: inverse frequencies, cos/sin scaling
+        self.scaling = shared_scaling(self.rotary)
         self.progress, self.scratch_dir = progress, scratch_dir
+        # The residual target adds the drift to the attention output: where a norm follows the attention before the
+        # residual (Gemma 2/3, OLMo 2) the two do not add, and the local target stands in.
+        target = options.refine_target if self.family.norm_placement == "pre" else "local"
         self.refine_settings = RefineSettings(options.refine_steps or 0, options.refine_lr, options.refine_batch,
-                                              options.calib_seed, options.refine_target, options.refine_output)
+                                              options.calib_seed, target, options.refine_output)
         self.refined: list[RefineReport] = []
 
     @property
@@ -73,9 +79,9 @@ class LayerStream:
             if o.refine_steps:
                 out |= {"refine": {"steps": o.refine_steps, "lr": o.refine_lr, "batch": o.refine_batch,
                                    "target": o.refine_target, "o_proj": o.refine_output}}
-            if o.method == "whiten":
-                out |= {"score_weight": self.settings.score_weight, "refit_values": o.refit_values,
+            recorded = {"score_weight": self.settings.score_weight, "refit_values": o.refit_values,
                         "output_bias": self.settings.output_bias}
+            out |= {name: recorded[name] for name in method(o.method).records}
         return out | sizes.summary()
 
     def sizes(self) -> Sizes:
@@ -124,7 +130,7 @@ class LayerStream:
             converted["o_proj.bias"] = converted.get("o_proj.bias", 0) + o_bias.to(converted["o_proj.weight"])
         if runner is not None:
             if runner.source_hidden is not None:
-                runner.advance_source(layer, src, o_bias, tracked=True)
+                runner.advance_source(layer, tracked=True)
             runner.advance(layer, converted, rank, freqs)  # layer l+1's inputs, as the converted layer makes them
         return layer, converted, freqs
 
@@ -133,7 +139,7 @@ class LayerStream:
         """The closed-form conversion of one layer, its values refitted under its own attention (whiten) on the
         calibration sequences `rows`."""
         converted, freqs = self._convert(runner, layer, src, stats, rank, rope_dim)
-        if runner is not None and self.options.method == "whiten" and self.options.refit_values \
+        if runner is not None and method(self.options.method).refits_values and self.options.refit_values \
                 and rank < self._full_rank(rope_dim):
             up_value, bias = runner.refit_values(layer, src, converted, rank, freqs, bias=self.settings.output_bias,
                                                  rows=rows)
@@ -157,14 +163,14 @@ class LayerStream:
             runner = runner if round_ == 0 else self._runner()
             for layer in tqdm(range(self.geo.layers), desc=f"measuring splits ({', '.join(map(str, pending))})",
                               disable=not self.progress):
-                src, o_bias = self._read(layer)
+                src, _ = self._read(layer)
                 if layer in layers:
                     stats = runner.statistics(layer, src, fit).to(self.device)
                     for rope_dim in pending:
                         converted, freqs = self._fit(runner, layer, src, stats, values - rope_dim, rope_dim, fit)
                         error = runner.attention_error(layer, src, None, converted, values - rope_dim, freqs, measure)
                         scores[rope_dim] = scores.get(rope_dim, 0.0) + error
-                runner.advance_source(layer, src, o_bias)
+                runner.advance_source(layer)
             best = min(scores, key=lambda d: (scores[d], -d))
             pending = [d for d in midpoints(sorted(scores), best, grid[0]) if d not in scores]
             if not pending:
@@ -179,13 +185,16 @@ class LayerStream:
     def _runner(self, track_source: bool = False) -> LayerwiseRunner | None:
         if not self.calibrated:
             return None
-        return LayerwiseRunner(self.source.tensors, self.source.config, self.ids, self.inv_freq, self.scaling,
-                               self.device, offload=self.options.calib_offload, scratch_dir=self.scratch_dir,
+        return LayerwiseRunner(self.source.tensors, self.source.config, self.ids, self.rotary, self.device,
+                               offload=self.options.calib_offload, scratch_dir=self.scratch_dir,
                                track_source=track_source)
 
     def _read(self, layer: int) -> tuple[SourceAttention, torch.Tensor | None]:
-        src, o_bias = read_attention(self.source.tensors, layer, self.geo)
+        src, o_bias = read_attention(self.source.tensors, layer, self.geo, self.family)
         return src.to(self.device), None if o_bias is None else o_bias.to(self.device)
+
+    def _inv_freq(self, layer: int) -> torch.Tensor:
+        return self.rotary[layer][0].to(self.device)
 
     def _identity(self) -> LayerStats:
         return LayerStats.identity(self.geo.input_width, self.geo.heads, self.geo.head_dim).to(self.device)
@@ -196,23 +205,22 @@ class LayerStream:
     def _measure(self, candidates: list[int]) -> list[LayerSpectrum]:
         spectra = []
         runner = self._runner()
-        inv_freq = self.inv_freq.to(self.device)
         for layer in tqdm(range(self.geo.layers), desc="measuring layers", disable=not self.progress):
-            src, o_bias = self._read(layer)
+            src, _ = self._read(layer)
             if runner is not None:
                 stats = runner.statistics(layer, src).to(self.device)
                 # energy: each layer's loss relative to its residual stream; loss: the whitened loss itself
                 scale = runner.residual_energy() if self.options.rank_allocation == "energy" else 1.0
             else:
                 stats, scale = self._identity(), 1.0
-            spectra.append(layer_spectrum(src, stats, inv_freq, self.settings, candidates, scale))
+            spectra.append(layer_spectrum(src, stats, self._inv_freq(layer), self.settings, candidates, scale))
             if runner is not None:
-                runner.advance_source(layer, src, o_bias)
+                runner.advance_source(layer)
         return spectra
 
     def _convert(self, runner: LayerwiseRunner | None, layer: int, src: SourceAttention, stats: LayerStats,
                  rank: int, rope_dim: int) -> tuple[dict[str, torch.Tensor], list[float]]:
-        inv_freq = self.inv_freq.to(self.device)
+        inv_freq = self._inv_freq(layer)
         if str(self.options.freqfold) != "auto" or runner is None:
             return convert_layer(src, stats, inv_freq, self.scaling, rank, rope_dim, self.settings)
         best = None

@@ -29,10 +29,13 @@ S' = S_1^{-1/2} S_2 S_1^{-1/2}; in the eigenbases of K' (a) and S' (b) it is sol
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from .attention import SourceAttention
 from .latent import LatentFactors, fix_signs
+from .statistics import LayerStats
 
 # Calibration moments are sums of float32 products: eigenvalues below this share of the largest are noise.
 COVARIANCE_FLOOR = 1e-6
@@ -222,3 +225,50 @@ def _normalise(factors: LatentFactors, problem: WeightedProblem) -> LatentFactor
     energy = energy.clamp_min(1e-12 * float(energy.max().clamp_min(1e-30))).sqrt()
     scale = 1 / energy
     return LatentFactors(down=factors.down * scale[:, None], up_key=factors.up_key / scale, up_value=factors.up_value / scale)
+
+
+# -- the weighted problem of one layer ------------------------------------------------------------------------
+
+
+def head_blocks(o: torch.Tensor, heads: int) -> torch.Tensor:
+    """o_proj [hidden, H*d] as per-head blocks [H, hidden, d]."""
+    return o.view(o.shape[0], heads, -1).permute(1, 0, 2)
+
+
+def key_weight_matrix(q_nope: torch.Tensor, q_bias: torch.Tensor | None, nope_to_heads: torch.Tensor,
+                      second: torch.Tensor, mean: torch.Tensor, src: SourceAttention) -> torch.Tensor:
+    """M_z = scale^2 sum_h E_g^T E[q_h q_h^T] E_g over the position-free key components (scale^2 = 1 / d, or the
+    family's own softmax scale squared)."""
+    d, heads = src.head_dim, src.heads
+    qh = q_nope.view(heads, d, -1)
+    qq = torch.einsum("hdx,xy,hey->hde", qh, second, qh)
+    if q_bias is not None:
+        b = q_bias.view(heads, d)
+        qm = torch.einsum("hdx,x->hd", qh, mean)
+        qq = qq + torch.einsum("hd,he->hde", qm, b) + torch.einsum("hd,he->hde", b, qm) + torch.einsum("hd,he->hde", b, b)
+    e = nope_to_heads[src.group_of_head]  # [H, d, Z]
+    return torch.einsum("hdz,hde,hew->zw", e, qq, e) / src.score_scale_divisor
+
+
+def value_weight_matrix(src: SourceAttention) -> torch.Tensor:
+    """M_v = blockdiag_g sum_{h in g} W_o,h^T W_o,h."""
+    o = head_blocks(src.o, src.heads)  # [H, hidden, d]
+    per_head = torch.einsum("hxd,hxe->hde", o, o)
+    blocks = torch.zeros(src.groups, src.head_dim, src.head_dim, dtype=o.dtype, device=o.device)
+    blocks.index_add_(0, src.group_of_head.to(o.device), per_head)
+    return torch.block_diag(*blocks)
+
+
+def whiten_problem(src: SourceAttention, stats: LayerStats, nope_to_heads: torch.Tensor, key_nope: torch.Tensor,
+                   q_nope: torch.Tensor, q_nope_bias: torch.Tensor | None, settings: Any) -> WeightedProblem:
+    """The layer's problem: key error weighted by the position-free queries (times `settings.score_weight`), value
+    error through o_proj, about the means where o_proj's bias absorbs them (`settings.output_bias`)."""
+    dt = src.k.dtype
+    second, mean = stats.second.to(dt), stats.mean.to(dt)
+    key_w = key_weight_matrix(q_nope, q_nope_bias, nope_to_heads, second, mean, src)
+    value_w = value_weight_matrix(src)
+    token_cov = stats.memo(("token_cov", dt), lambda: floored(stats.cov.to(dt)))
+    # with an output bias to absorb it the mean value error costs nothing (centred moments); without, it counts
+    value_cov = stats.memo(("value_cov", dt, settings.output_bias),
+                           lambda: floored((stats.value_cov() if settings.output_bias else stats.value_second).to(dt)))
+    return WeightedProblem(key_nope, src.v, settings.score_weight * key_w, value_w, token_cov, value_cov)

@@ -56,6 +56,16 @@ def parse_source(spec: str, flag: str = "--calib-source") -> TextSource:
     return source
 
 
+def loose_spec(item: str) -> str:
+    """A source as `convert --heal-data` takes it (a spec, `self-distill`, a text file's path or a dataset's name)
+    as a spec."""
+    if item == "self-distill":
+        return SELF
+    if item == SELF or item.startswith((f"{SELF}@", "file:", "dataset:")):
+        return item
+    return f"file:{item}" if Path(item).expanduser().is_file() else f"dataset:{item}"
+
+
 def source_specs(specs: list[str], files: list, datasets: list[str], self_too: bool = False) -> tuple[str, ...]:
     """A command's `--*-source`/`--data` specs, its file and dataset flags (and `self`) as one list of specs."""
     return (*specs, *(f"file:{path}" for path in files), *(f"dataset:{name}" for name in datasets),

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
+from transmla.families import FAMILIES
+
 from .decode_state import ATTENTION_NAME, SlotCache, register_attention, span_for
 
-SAMPLER_VERSION = 2  # raise when a change alters the tokens drawn for the same inputs (it keys the sample cache)
+SAMPLER_VERSION = 3  # raise when a change alters the tokens drawn for the same inputs (it keys the sample cache)
 NUCLEUS_CANDIDATES = 1024  # the top-p nucleus is taken among this many most likely tokens (no full sort)
 TOP_P = 0.95  # nucleus of sampled text: the model's distribution without its long tail
 SAMPLE_DTYPE = torch.bfloat16  # sampling needs the model's distribution, not float32 logits
@@ -117,6 +119,8 @@ class Sampler:
         self.noise = torch.empty(rows, self.candidates, device=self.device)
         self.slots = torch.arange(draw.seq_len, device=self.device)
         self.cache_arg = "cache" if "cache" in _forward_parameters(model) else "past_key_values"  # renamed in 5.x
+        family = FAMILIES.get(config.model_type)  # per layer: the sliding window, or None (unknown families: none)
+        self.windows = family.sliding_windows(config) if family else [None] * config.num_hidden_layers
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.use_graphs = self.device.type == "cuda"
 
@@ -141,7 +145,7 @@ class Sampler:
         current = self.tokens.index_select(1, position)  # [B, 1]
         visible = (self.slots[:span] >= self.doc_start) & (self.slots[:span] <= position)  # [B, span]
         logits = self.model(input_ids=current, position_ids=position - self.doc_start,
-                            attention_mask=visible[:, None, None, :], use_cache=True, logits_to_keep=1,
+                            attention_mask=self.masks(visible[:, None, None, :], position), use_cache=True, logits_to_keep=1,
                             **{self.cache_arg: self.cache}).logits[:, -1]
         chosen = nucleus_gumbel(logits, self.draw.temperature, self.draw.top_p, self.noise)
         if self.eos.numel():
@@ -154,6 +158,17 @@ class Sampler:
             self.doc_start.copy_(torch.where(begins[:, None], position + 1, self.doc_start))
         self.tokens.index_copy_(1, position + 1, chosen[:, None])
         position.add_(1)
+
+    def masks(self, visible: torch.Tensor, position: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The mask of every layer: `visible`, cut to the last W slots in sliding-window layers (one mask where
+        all layers are alike, else one per layer type, as transformers takes them)."""
+        window = next((w for w in self.windows if w is not None), None)
+        if window is None:
+            return visible
+        windowed = visible & (self.slots[:visible.shape[-1]] > position - window)
+        if None not in self.windows:
+            return windowed
+        return {"full_attention": visible, "sliding_attention": windowed}
 
     def run_step(self, slot: int) -> None:
         """Decode the token after `slot`: noise first, then the step (a graph replay where one is captured)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -11,9 +11,13 @@ import torch
 
 from transmla.errors import TransMLAError
 
+from .mixture import SELF, TextSource
+
 KNOWN_DATASETS = ("wikitext2", "c4")
 C4_CHARS = 2_000_000  # characters of C4 to stream: a few hundred 2048-token windows
 HUB_PROBE_SECONDS = 5.0  # how long the hub may take to answer before it counts as unreachable
+CHUNK_CHARS = 1 << 20  # text tokenised at a time, cut at paragraph breaks
+CHARS_PER_TOKEN = 8  # generous upper bound used to stop streaming a hub dataset
 
 
 def load_text(text_file: Path | str | None = None, dataset: str | None = None, split: str = "test") -> str:
@@ -137,20 +141,25 @@ def token_windows(tokenizer: Any, text: str, seq_len: int, max_windows: int | No
     return _split(tokenize(tokenizer, text), seq_len, max_windows)
 
 
+def pack(stream: torch.LongTensor, seq_len: int, max_windows: int | None = None) -> torch.LongTensor:
+    """Consecutive non-overlapping windows [N, seq_len] of a token stream (the tail dropped; none if it is shorter
+    than a window), the first `max_windows`."""
+    count = stream.numel() // seq_len if max_windows is None else min(stream.numel() // seq_len, max_windows)
+    return stream[: count * seq_len].view(count, seq_len).clone()
+
+
 def _split(ids: torch.LongTensor, seq_len: int, max_windows: int | None = None) -> torch.LongTensor:
+    """`pack`, with one clear error for settings or text that give no window."""
     if seq_len < 2:
         raise TransMLAError(f"sequence length {seq_len} is too short; use at least 2 tokens")
-    count = ids.numel() // seq_len
-    if count == 0:
+    if ids.numel() < seq_len:
         raise TransMLAError(
             f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
             "use a longer text or a shorter sequence length"
         )
-    if max_windows is not None:
-        if max_windows < 1:
-            raise TransMLAError(f"max windows must be at least 1, got {max_windows}")
-        count = min(count, max_windows)
-    return ids[: count * seq_len].view(count, seq_len).clone()
+    if max_windows is not None and max_windows < 1:
+        raise TransMLAError(f"max windows must be at least 1, got {max_windows}")
+    return pack(ids, seq_len, max_windows)
 
 
 def calibration_windows(
@@ -169,3 +178,74 @@ def calibration_windows(
         return grid[torch.randperm(grid.shape[0], generator=generator)[:num_samples]].clone()
     starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=generator)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def paragraph_chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
+    """Pieces of about `size` characters, cut just after a blank line where there is one."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = text.rfind("\n\n", start, end)
+            end = cut + 2 if cut > start else end
+        yield text[start:end]
+        start = end
+
+
+def tokenize_documents(
+    tokenizer: Any, documents: Iterable[str], max_tokens: int | None, separator: int | None = None
+) -> torch.LongTensor:
+    """One token stream from documents (joined by `separator` where given), stopping after `max_tokens`."""
+    pieces: list[torch.Tensor] = []
+    total = 0
+    for doc in documents:
+        ids = tokenize(tokenizer, doc)
+        if separator is not None and pieces:
+            ids = torch.cat([torch.tensor([separator]), ids])
+        pieces.append(ids)
+        total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    return stream[:max_tokens] if max_tokens is not None else stream
+
+
+def streamed_documents(name: str, split: str, max_chars: int) -> Iterator[str]:
+    """Stream `split` (unless `name` names one) of a hub dataset, about `max_chars` of it."""
+    try:
+        yield from hub_documents(name, split, max_chars)
+    except TransMLAError:
+        raise
+    except Exception as err:  # network, hub or cache failures
+        raise TransMLAError(
+            f"could not stream dataset {name!r}: {type(err).__name__}: {err}; for offline use pass --text-file"
+        ) from err
+
+
+def text_stream(tokenizer: Any, source: TextSource, max_tokens: int, split: str = "train") -> torch.LongTensor:
+    """Token stream of a text file or of a hub dataset's `split`, at most `max_tokens` long: hub datasets other than
+    WikiText-2 are streamed only as far as needed, their documents joined by EOS."""
+    if source.kind == "file":
+        return tokenize_documents(tokenizer, paragraph_chunks(load_text(text_file=source.value)), max_tokens)
+    name = source.value.lower()
+    if name == "wikitext2":
+        text = load_text(dataset="wikitext2", split=split)
+        return tokenize_documents(tokenizer, paragraph_chunks(text), max_tokens)
+    repo = {"c4": "allenai/c4:en"}.get(name, source.value)
+    if "/" not in repo:
+        raise TransMLAError(f"unknown dataset {source.value!r}; use wikitext2, c4, a hub id such as owner/name[:config[:split]], or --text-file")
+    docs = streamed_documents(repo, split, max_tokens * CHARS_PER_TOKEN)
+    return tokenize_documents(tokenizer, docs, max_tokens, separator=tokenizer.eos_token_id)
+
+
+def source_windows(source: TextSource, count: int, seq_len: int, tokenizer: Any, split: str,
+                   sampled: Callable[[int], torch.LongTensor], seed: int | None = None) -> torch.LongTensor:
+    """Up to `count` windows of `seq_len` tokens from one source of a mixture: `sampled(count)` for text sampled
+    from the model, else the file's or the hub dataset's `split`, as consecutive windows from its start (`seed`
+    None: only as much text as they need is read) or as windows drawn with `seed` (`calibration_windows`)."""
+    if source.kind == SELF:
+        return sampled(count)
+    if seed is None:
+        return pack(text_stream(tokenizer, source, count * seq_len, split), seq_len)
+    text = load_text(text_file=source.value) if source.kind == "file" else load_text(dataset=source.value, split=split)
+    return calibration_windows(tokenizer, text, seq_len, count, seed=seed)

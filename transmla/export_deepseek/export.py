@@ -11,10 +11,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from transmla.data.text import load_text
+from transmla.defaults import MAX_SHARD_BYTES, default_of
 from transmla.errors import TransMLAError
 from transmla.io import SafetensorsSource, ShardedSafetensorsWriter, atomic_output_dir, check_free_disk
 from transmla.io.converted import config_dtype, parse_dtype
 from transmla.io.source import load_tokenizer, require_tokenizer
+
 from .config import deepseek_config
 from .latent_norm import STOCK_EPS, LatentNorm, calibrated_norm, exact_norm
 from .layer import AttentionShape, export_attention
@@ -36,8 +39,31 @@ class ExportOptions:
     calib_windows: int = 8
     calib_seq_len: int = 512
     device: str = "cpu"  # where the calibration forward passes run
-    max_shard_bytes: int = 5 * 2**30
+    max_shard_bytes: int = MAX_SHARD_BYTES
     overwrite: bool = False
+
+    def check(self) -> None:
+        """Raise TransMLAError naming the first setting that can not be exported with, and the fix."""
+        if self.latent_norm not in LATENT_NORMS:
+            raise TransMLAError(f"--latent-norm {self.latent_norm!r} is not one of {', '.join(LATENT_NORMS)}")
+        if self.latent_norm == "calibrated":
+            if self.calib_text is None:
+                raise TransMLAError("--latent-norm calibrated needs calibration text: pass --calib-text FILE")
+            load_text(text_file=self.calib_text)  # one clear error for a missing or non-UTF-8 file
+        if self.calib_windows < 1:
+            raise TransMLAError(f"--calib-windows {self.calib_windows} must be at least 1")
+        if self.calib_seq_len < 2:
+            raise TransMLAError(f"--calib-seq-len {self.calib_seq_len} is too short: use at least 2 tokens")
+        if self.kv_lora_rank is not None and self.kv_lora_rank < 1:
+            raise TransMLAError(f"--kv-lora-rank {self.kv_lora_rank} must be positive")
+        parse_dtype(self.dtype)
+        if self.max_shard_bytes <= 0:
+            raise TransMLAError(f"--max-shard-size must be positive, got {self.max_shard_bytes / 2**30:g} GiB")
+
+
+def default(name: str) -> Any:
+    """The default of one ExportOptions field (for the command line, so that each default is written once)."""
+    return default_of(ExportOptions, name)
 
 
 @dataclass
@@ -66,15 +92,41 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def check_exportable(config: dict[str, Any], tensors: SafetensorsSource) -> None:
-    """Refuse what DeepSeek-V3 can not express: per-head q/k norms, attention biases, MLP biases."""
+def inexpressible(config: dict[str, Any]) -> list[str]:
+    """What of a converted config stock DeepSeek-V3 has no counterpart for (empty: nothing)."""
+    found = []
     if config.get("qk_norm"):
-        raise TransMLAError(
-            "this model RMS-normalises each query and key head before its latent (qk_norm, from a Qwen3 source), and "
-            "stock DeepSeek-V3 has no per-head key norm, so it can not be exported; serve it in the transmla format instead"
-        )
+        found.append("RMS-normalised queries and keys before the latent (qk_norm; DeepSeek-V3 has no per-head key norm "
+                     "nor one over all heads)")
     if config.get("mlp_bias"):
-        raise TransMLAError("the MLP has biases, which DeepSeek-V3's MLP does not have; this model can not be exported")
+        found.append("MLP biases")
+    if config.get("attn_logit_softcapping") is not None:
+        found.append(f"attention-score soft-capping (attn_logit_softcapping {config['attn_logit_softcapping']:g})")
+    if config.get("final_logit_softcapping") is not None:
+        found.append(f"logit soft-capping (final_logit_softcapping {config['final_logit_softcapping']:g})")
+    if "sliding_attention" in (config.get("layer_types") or []):
+        found.append(f"sliding-window layers (sliding_window {config.get('sliding_window')})")
+    if config.get("rms_norm_offset", 0.0):
+        found.append(f"RMSNorms scaled by {config['rms_norm_offset']:g} + w")
+    if config.get("norm_placement", "pre") != "pre":
+        found.append(f"norms after the attention and the MLP (norm_placement {config['norm_placement']!r})")
+    if config.get("embedding_multiplier", 1.0) != 1.0:
+        found.append(f"scaled token embeddings (embedding_multiplier {config['embedding_multiplier']:g})")
+    return found
+
+
+def refuse_inexpressible(config: dict[str, Any], architecture: str) -> None:
+    """One line naming everything of a converted config that stock DeepSeek-V3 can not express, if anything."""
+    found = inexpressible(config)
+    if found:
+        raise TransMLAError(f"stock DeepSeek-V3 can not express this model ({architecture}): {'; '.join(found)}; "
+                            "serve it in the transmla format instead")
+
+
+def check_exportable(config: dict[str, Any], tensors: SafetensorsSource) -> None:
+    """Refuse, in one line, what DeepSeek-V3 can not express: q/k norms, MLP biases, soft-capping, sliding windows,
+    norm variants and placements, embedding scale, attention biases."""
+    refuse_inexpressible(config, config.get("source_architecture") or "its source")
     for layer in range(config["num_hidden_layers"]):
         for name in ("q_proj.bias", "kv_a_proj.bias", "o_proj.bias"):
             key = f"model.layers.{layer}.self_attn.{name}"
@@ -88,8 +140,8 @@ def check_exportable(config: dict[str, Any], tensors: SafetensorsSource) -> None
                 raise TransMLAError(
                     f"{key} is nonzero ({arch} attention biases): DeepSeek-V3 attention has no biases in vLLM and "
                     "SGLang (transformers allows only kv_a_proj_with_mqa and o_proj biases, never a query bias), and "
-                    "a query, rotary-key or output bias can not be folded into the other weights, so this model (e.g. "
-                    "any Qwen2) can not be exported exactly; serve it in the transmla format instead"
+                    "a query, rotary-key or output bias can not be folded into the other weights, so this model can "
+                    "not be exported exactly; serve it in the transmla format instead"
                 )
 
 
@@ -107,10 +159,8 @@ def collect_latents(folder: Path, options: ExportOptions) -> dict[int, torch.Ten
     """Each layer's latents c (before any norm) on calibration text, from the converted model."""
     from transformers import AutoModelForCausalLM
 
-    from transmla.data.text import calibration_windows, load_text
+    from transmla.data.text import calibration_windows
 
-    if options.calib_text is None:
-        raise TransMLAError("--latent-norm calibrated needs calibration text: pass --calib-text FILE")
     text = load_text(text_file=options.calib_text)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
     model = model.to(options.device).eval()
@@ -139,8 +189,6 @@ def collect_latents(folder: Path, options: ExportOptions) -> dict[int, torch.Ten
 
 def latent_norms(config: dict[str, Any], tensors: SafetensorsSource, rank_out: int, folder: Path,
                  options: ExportOptions) -> list[LatentNorm]:
-    if options.latent_norm not in LATENT_NORMS:
-        raise TransMLAError(f"--latent-norm {options.latent_norm!r} is not one of {', '.join(LATENT_NORMS)}")
     ranks = config["kv_lora_rank"]
     if options.latent_norm == "calibrated":
         latents = collect_latents(folder, options)
@@ -164,6 +212,7 @@ def export_deepseek(folder: Path | str, out: Path | str, options: ExportOptions 
                     progress: bool = True) -> ExportReport:
     """Write the converted checkpoint FOLDER as a DeepSeek-V3 checkpoint OUT (atomically)."""
     folder, out, options = Path(folder), Path(out), options or ExportOptions()
+    options.check()
     config = read_config(folder)
     tensors = SafetensorsSource(folder)
     check_exportable(config, tensors)
@@ -184,7 +233,7 @@ def export_deepseek(folder: Path | str, out: Path | str, options: ExportOptions 
             f"{rank_out} (exact; the cache grows to {rank_out} + {config['qk_rope_head_dim']} values per token and layer)"
         )
     shape = AttentionShape(config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
-                           config["qk_rope_head_dim"], config["hidden_size"])
+                           config["qk_rope_head_dim"], config["hidden_size"], config.get("attention_scale"))
     per_frequency = bool((config.get("conversion") or {}).get("rope_per_frequency"))
     match = match_rotary(config["rope_inv_freq"], shape.rope_dim, float(config.get("rope_theta", 10000.0)),
                          shape.head_dim, per_frequency)

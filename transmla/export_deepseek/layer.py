@@ -1,7 +1,7 @@
 """One attention layer from the converted layout (docs/format.md) to DeepSeek-V3's.
 
 * q_proj: per head [q_nope (d) | q_rope (D)] as before; every row times sqrt((d + D) / d), because stock code
-  scales scores by (d + D)^-0.5 where ours uses d^-0.5; the rope rows also times s^2 (the converted rotary
+  scales scores by (d + D)^-0.5 where ours uses d^-0.5 (times sqrt(d + D) s for a model of its own scale s); the rope rows also times s^2 (the converted rotary
   multiplies cos and sin by s, stock code by 1) and permuted onto the stock pairs.
 * kv_a_proj_with_mqa: [latent rows times the latent pre-scale (zero rows up to the shared rank) | k_rope permuted].
 * kv_a_layernorm: the latent norm weight (see `latent_norm`).
@@ -26,6 +26,7 @@ class AttentionShape:
     head_dim: int
     rope_dim: int
     hidden: int
+    scale: float | None = None  # the softmax scale where it is not head_dim ** -0.5
 
 
 def export_attention(
@@ -34,7 +35,7 @@ def export_attention(
 ) -> dict[str, torch.Tensor]:
     """DeepSeek-V3 tensors of one layer (names without the layer prefix), in float64."""
     H, G, d, D, h = shape.heads, shape.groups, shape.head_dim, shape.rope_dim, shape.hidden
-    q_gain = math.sqrt((d + D) / d)
+    q_gain = math.sqrt((d + D) / d) if shape.scale is None else shape.scale * math.sqrt(d + D)
     rows = torch.tensor(rope_rows)
 
     q = t["q_proj.weight"].double().view(H, d + D, h)

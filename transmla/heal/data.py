@@ -5,18 +5,13 @@ validation share from every source."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from transmla.data.text import hub_documents, load_text
+from transmla.data.text import pack, source_windows
 from transmla.errors import TransMLAError
-
-CHUNK_CHARS = 1 << 20  # text tokenised at a time, cut at paragraph breaks
-CHARS_PER_TOKEN = 8  # generous upper bound used to stop streaming a hub dataset
 
 
 @dataclass
@@ -46,64 +41,6 @@ def parse_tokens(value: str | int) -> int:
     if count < 1:
         raise TransMLAError(f"token count must be positive, got {value!r}")
     return count
-
-
-def _paragraph_chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
-    """Pieces of about `size` characters, cut just after a blank line where there is one."""
-    start = 0
-    while start < len(text):
-        end = min(len(text), start + size)
-        if end < len(text):
-            cut = text.rfind("\n\n", start, end)
-            end = cut + 2 if cut > start else end
-        yield text[start:end]
-        start = end
-
-
-def tokenize_documents(
-    tokenizer: Any, documents: Iterable[str], max_tokens: int | None, separator: int | None = None
-) -> torch.LongTensor:
-    """One token stream from documents (joined by `separator` where given), stopping after `max_tokens`."""
-    pieces: list[torch.Tensor] = []
-    total = 0
-    for doc in documents:
-        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
-        if separator is not None and pieces:
-            ids = [separator, *ids]
-        pieces.append(torch.tensor(ids, dtype=torch.long))
-        total += len(ids)
-        if max_tokens is not None and total >= max_tokens:
-            break
-    stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-    return stream[:max_tokens] if max_tokens is not None else stream
-
-
-def _hub_documents(name: str, max_chars: int) -> Iterator[str]:
-    """Stream the train split (unless `name` names one) of a hub dataset, about `max_chars` of it."""
-    try:
-        yield from hub_documents(name, "train", max_chars)
-    except TransMLAError:
-        raise
-    except Exception as err:  # network, hub or cache failures
-        raise TransMLAError(
-            f"could not stream dataset {name!r}: {type(err).__name__}: {err}; for offline use pass --text-file"
-        ) from err
-
-
-def text_stream(tokenizer: Any, text_file: str | Path | None, dataset: str | None, max_tokens: int) -> tuple[torch.LongTensor, str]:
-    """Token stream of a text file or a hub dataset (exactly one), at most `max_tokens` long, and a description."""
-    if text_file is not None:
-        text = load_text(text_file=text_file)
-        return tokenize_documents(tokenizer, _paragraph_chunks(text), max_tokens), f"file {text_file}"
-    name = dataset.lower()
-    if name == "wikitext2":
-        text = load_text(dataset="wikitext2", split="train")
-        return tokenize_documents(tokenizer, _paragraph_chunks(text), max_tokens), "wikitext2 (train)"
-    repo = {"c4": "allenai/c4:en"}.get(name, dataset)
-    if "/" not in repo:
-        raise TransMLAError(f"unknown dataset {dataset!r}; use wikitext2, c4, a hub id such as owner/name[:config[:split]], or --text-file")
-    docs = _hub_documents(repo, max_tokens * CHARS_PER_TOKEN)
-    return tokenize_documents(tokenizer, docs, max_tokens, separator=tokenizer.eos_token_id), f"dataset {repo} (train)"
 
 
 def val_window_count(train_tokens: int, seq_len: int, val_fraction: float, max_val_windows: int) -> int:
@@ -159,13 +96,9 @@ def build_windows(options: Any, tokenizer: Any, teacher: Any, teacher_id: dict[s
     counts = shares(mixture, math.ceil(options.tokens / options.seq_len) + n_val)
     train, validation = [], []
     for source, count, held_out in zip(mixture, counts, shares(mixture, n_val)):
-        if source.kind == "self":
-            wanted = min(count, math.ceil(options.sampled_tokens / options.seq_len) + held_out)
-            unique = teacher_windows(options, teacher, teacher_id, accelerator, wanted, progress)
-        else:
-            stream, _ = text_stream(tokenizer, source.value if source.kind == "file" else None,
-                                    source.value if source.kind == "dataset" else None, count * options.seq_len)
-            unique = pack(stream, options.seq_len)
+        sampled = math.ceil(options.sampled_tokens / options.seq_len) + held_out  # unique teacher windows at most
+        unique = source_windows(source, count, options.seq_len, tokenizer, "train", lambda n: teacher_windows(
+            options, teacher, teacher_id, accelerator, min(n, sampled), progress))
         if len(unique) <= held_out:
             raise TransMLAError(f"the training text ({source.label}) gives {len(unique)} windows of {options.seq_len} tokens, "
                                 f"too few to hold {held_out} out for validation; give more text or a shorter --seq-len")
@@ -188,9 +121,3 @@ def teacher_windows(options: Any, teacher: Any, teacher_id: dict[str, Any], acce
     mine, _ = cached_samples("heal", teacher_id, teacher.config, lambda: teacher, accelerator.device, dtype, share, draw,
                              progress and accelerator.is_local_main_process, "sampling text from the teacher")
     return pack(accelerator.gather(mine.to(accelerator.device)).cpu()[:docs].reshape(-1), options.seq_len)
-
-
-def pack(stream: torch.LongTensor, seq_len: int) -> torch.LongTensor:
-    """Consecutive windows [N, seq_len] of a token stream (the tail dropped)."""
-    count = stream.numel() // seq_len
-    return stream[: count * seq_len].view(count, seq_len).clone()

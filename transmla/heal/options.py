@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from transmla.data.mixture import TextSource, parse_sources
+from transmla.defaults import default_of
 from transmla.errors import TransMLAError
 from transmla.io.converted import is_converted, parse_dtype
+from transmla.io.output_dir import check_output_dir
 
 TRAIN_CHOICES = ("attention", "latent", "all")
 GPU_BATCH = 8  # windows of seq_len per micro-batch on a GPU (16k tokens per step at 2048)
@@ -142,10 +144,9 @@ def check_options(folder: Path, out: Path, options: HealOptions) -> None:
     if options.mixed_precision not in ("auto", "bf16", "fp16", "no"):
         raise TransMLAError(f"--mixed-precision {options.mixed_precision!r} is not one of auto, bf16, fp16, no")
     parse_dtype(options.dtype)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not options.overwrite:
-        raise TransMLAError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    check_output_dir(out, options.overwrite)
 
 
 def default(name: str) -> Any:
     """The default of one HealOptions field (for the command line, so that each default is written once)."""
-    return next(f.default for f in fields(HealOptions) if f.name == name)
+    return default_of(HealOptions, name)

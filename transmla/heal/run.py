@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from transmla.defaults import MAX_SHARD_BYTES
 from transmla.determinism import deterministic
 from transmla.errors import TransMLAError
 from transmla.io.converted import config_dtype, copy_modeling_files, parse_dtype, read_record, write_record
@@ -98,7 +99,7 @@ def save_healed(accelerator: Any, model: Any, tokenizer: Any, folder: Path, out:
         config.conversion = {**(config.conversion or {}), "heal": info}
         config.dtype = str(dtype).removeprefix("torch.")
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state, max_shard_size="5GB")
+            unwrapped.save_pretrained(tmp, state_dict=state, max_shard_size=MAX_SHARD_BYTES)
             copy_modeling_files(tmp)
             tokenizer.save_pretrained(tmp)
             if (folder / "generation_config.json").is_file():

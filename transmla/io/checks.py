@@ -16,35 +16,6 @@ Shapes = dict[str, tuple[int, ...]]
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
 
-def expected_tensors(config: Any) -> tuple[Shapes, Shapes]:
-    """(required, optional) tensor names and shapes of a Llama-like decoder with this config."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden, inter, vocab = text.hidden_size, text.intermediate_size, text.vocab_size
-    heads = text.num_attention_heads
-    groups = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    q, kv = heads * head_dim, groups * head_dim
-    required = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
-    optional = {"lm_head.weight": (vocab, hidden)}
-    if not getattr(text, "tie_word_embeddings", False):
-        required["lm_head.weight"] = optional.pop("lm_head.weight")
-    for layer in range(text.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        required.update({
-            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (q, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
-            p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, q),
-            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-        })
-        optional.update({
-            p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.bias": (hidden,), p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
-            p + "mlp.down_proj.bias": (hidden,),
-        })
-    return required, optional
-
-
 def model_tensors(config: Any, trust_remote_code: bool = False) -> tuple[Shapes, Shapes]:
     """(required, optional) tensor names and shapes of the transformers model of `config`, from its skeleton on
     the meta device: its parameters are required, tied copies and buffers optional."""
@@ -78,11 +49,10 @@ def check_checkpoint(folder: Path, config: Any, trust_remote_code: bool = False,
                 tensors.shape(name)  # opens every shard: a truncated or corrupt one fails here
 
 
-def check_source_tensors(tensors: TensorSource, config: Any, where: str,
-                         expected: tuple[Shapes, Shapes] | None = None) -> None:
+def check_source_tensors(tensors: TensorSource, config: Any, where: str, expected: tuple[Shapes, Shapes]) -> None:
     """Raise TransMLAError naming the first missing, misshapen or surplus-layer tensor (reads headers only).
-    `expected` is (required, optional) names and shapes (default: those of a Llama-like source)."""
-    required, optional = expected or expected_tensors(config)
+    `expected` is (required, optional) names and shapes (`model_tensors`)."""
+    required, optional = expected
     present = set(tensors.keys())
     missing = sorted(set(required) - present, key=_natural)
     if missing:

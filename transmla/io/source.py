@@ -11,18 +11,11 @@ from typing import Any
 import torch
 
 from transmla.errors import TransMLAError
+from transmla.families import FAMILIES, Family, check_family
 from transmla.io.checks import check_checkpoint
 from transmla.io.converted import is_converted, read_config
 from transmla.io.reader import SafetensorsSource, StateDictSource, TensorSource
 
-SUPPORTED_ARCHITECTURES = {
-    "llama": "Llama 2/3 (MHA and GQA, llama3 RoPE scaling), SmolLM",
-    "qwen2": "Qwen2 / Qwen2.5 (q/k/v biases)",
-    "mistral": "Mistral (full attention)",
-    "qwen3": "Qwen3 (per-head q/k RMSNorm, converted on its pre-features)",
-}
-QK_NORM_ARCHITECTURES = {"qwen3"}  # per-head RMSNorm on q and k before RoPE
-UNSUPPORTED_ROPE = {"dynamic", "longrope"}
 # What transformers raises for a config or GGUF file that it can not read (a truncated GGUF: struct.error).
 READ_ERRORS = (ValueError, KeyError, TypeError, IndexError, EOFError, OSError, struct.error)
 # Files of which at least one makes a folder's tokenizer loadable.
@@ -55,6 +48,11 @@ class Source:
     folder: Path
     gguf_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> Family:
+        """The adapter of the source's architecture (checked when the source was opened)."""
+        return FAMILIES[self.config.model_type]
 
     def load_tokenizer(self):
         """The source's tokenizer (loaded once), or None when the folder has no tokenizer files."""
@@ -185,15 +183,8 @@ def download(repo_id: str) -> Path:
 
 
 def check_architecture(config: Any) -> None:
-    """Refuse architectures and RoPE variants that the converter does not handle, naming what it does."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_ARCHITECTURES.items())
-        raise TransMLAError(f"architecture {model_type!r} is not supported; supported are {supported}")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type in UNSUPPORTED_ROPE:
-        raise TransMLAError(f"RoPE type {rope_type!r} depends on the sequence length and can not be moved into a fixed rotary key; supported: default, linear, llama3, yarn")
+    """Refuse architectures and variants that the converter does not handle, naming what it does."""
+    check_family(config)
 
 
 def auto_config(folder: Path, gguf: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -220,7 +211,7 @@ def config_error(folder: Path, gguf: str | None, exc: Exception) -> str:
         return f"{path} names no model_type, so it is not a transformers model config: point SRC at a Hugging Face model folder"
     if model_type not in CONFIG_MAPPING and "auto_map" not in config:
         return (f"{path} is of model type {model_type!r}, which transformers {transformers.__version__} does not know: "
-                f"upgrade transformers, or give a model of a supported architecture ({', '.join(SUPPORTED_ARCHITECTURES)})")
+                f"upgrade transformers, or give a model of a supported architecture ({', '.join(FAMILIES)})")
     return f"transformers can not read {path} ({reason}): fix the config or re-download the model"
 
 
@@ -228,7 +219,7 @@ def checked_config(folder: Path, converted: bool = False) -> Any:
     """The config of a model folder, its weights checked to be readable and, for converted folders and the
     supported architectures (whose checkpoints use the model's own tensor names), complete; headers only."""
     config = auto_config(folder, trust_remote_code=converted)
-    by_name = converted or getattr(config, "model_type", None) in SUPPORTED_ARCHITECTURES
+    by_name = converted or getattr(config, "model_type", None) in FAMILIES
     check_checkpoint(folder, config, trust_remote_code=converted, by_name=by_name)
     return config
 

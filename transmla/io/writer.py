@@ -11,6 +11,7 @@ from typing import BinaryIO
 
 import torch
 
+from transmla.defaults import MAX_SHARD_BYTES
 from transmla.io.reader import INDEX_NAME
 
 SINGLE_FILE_NAME = "model.safetensors"
@@ -83,7 +84,7 @@ class ShardedSafetensorsWriter:
     def __init__(
         self,
         out_dir: Path | str,
-        max_shard_bytes: int = 5 * 2**30,
+        max_shard_bytes: int = MAX_SHARD_BYTES,
         metadata: dict[str, str] | None = None,
         header_reserve: int = HEADER_RESERVE,
     ) -> None:

@@ -6,11 +6,20 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+NORM_PLACEMENTS = ("pre", "pre_and_post", "post")
+
 
 class TransMLAConfig(PretrainedConfig):
-    """Llama-style decoder whose attention caches a latent of `kv_lora_rank[l]` values plus a shared
-    rotary key of `qk_rope_head_dim` values per token and layer. With `qk_norm`, q_proj and kv_a_proj read
-    per-head RMS-normalised query and key features (Qwen3) instead of the hidden state."""
+    """Decoder whose attention caches a latent of `kv_lora_rank[l]` values plus a shared rotary key of
+    `qk_rope_head_dim` values per token and layer. With `qk_norm`, q_proj and kv_a_proj read RMS-normalised query
+    and key features (per head, or over all heads with `qk_norm_per_head` off) instead of the hidden state.
+
+    Outside the attention the source's computation is described by fields: `norm_placement` ("pre": a norm before
+    the attention and one before the MLP; "pre_and_post": norms before and after both; "post": after both only),
+    `rms_norm_offset` (every RMSNorm multiplies by offset + w), `embedding_multiplier`, `attention_scale` (None:
+    head_dim ** -0.5), `attn_logit_softcapping` / `final_logit_softcapping` (c * tanh(x / c) of the scaled scores /
+    the logits), and `layer_types` with `sliding_window` (a "sliding_attention" layer lets query t see keys
+    t - sliding_window < s <= t)."""
 
     model_type = "transmla"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -43,6 +52,15 @@ class TransMLAConfig(PretrainedConfig):
         qk_norm: bool = False,
         pre_proj_bias: bool = False,
         attention_dropout: float = 0.0,
+        qk_norm_per_head: bool = True,
+        norm_placement: str = "pre",
+        rms_norm_offset: float = 0.0,
+        embedding_multiplier: float = 1.0,
+        attention_scale: float | None = None,
+        attn_logit_softcapping: float | None = None,
+        final_logit_softcapping: float | None = None,
+        layer_types: list[str] | None = None,
+        sliding_window: int | None = None,
         rope_theta: float = 10000.0,
         source_model: str | None = None,
         source_architecture: str | None = None,
@@ -79,6 +97,15 @@ class TransMLAConfig(PretrainedConfig):
         self.qk_norm = qk_norm  # per-head RMSNorm on q and k before the projections (see docs/format.md)
         self.pre_proj_bias = pre_proj_bias  # biases on pre_q_proj / pre_k_proj / pre_v_proj
         self.attention_dropout = attention_dropout
+        self.qk_norm_per_head = qk_norm_per_head
+        self.norm_placement = norm_placement
+        self.rms_norm_offset = rms_norm_offset
+        self.embedding_multiplier = embedding_multiplier
+        self.attention_scale = attention_scale
+        self.attn_logit_softcapping = attn_logit_softcapping
+        self.final_logit_softcapping = final_logit_softcapping
+        self.sliding_window = sliding_window
+        self.layer_types = list(layer_types) if layer_types is not None else None
         self.rope_theta = rope_theta
         self.source_model = source_model
         self.source_architecture = source_architecture
@@ -87,6 +114,10 @@ class TransMLAConfig(PretrainedConfig):
             raise ValueError("kv_lora_rank and rope_inv_freq need one entry per layer")
         if any(len(f) * 2 != qk_rope_head_dim for f in self.rope_inv_freq):
             raise ValueError("each rope_inv_freq entry needs qk_rope_head_dim / 2 frequencies")
+        if norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS}, not {norm_placement!r}")
+        if self.layer_types is not None and (len(self.layer_types) != num_hidden_layers or not sliding_window):
+            raise ValueError("layer_types needs one entry per layer, and sliding_window the window of its sliding layers")
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -94,6 +125,12 @@ class TransMLAConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None where it attends to the whole context."""
+        if self.layer_types is None or self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def kv_values_per_token(self) -> list[int]:
         """Values cached per token in each layer: the latent plus the shared rotary key."""

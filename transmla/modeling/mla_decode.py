@@ -9,8 +9,10 @@ rotated RoPE key (width D)::
     score_h(i, s) = scale * (q_lat_h(i) . c(s) + q_rope_h(i) . k_rope(s))
     o_lat_h(i)    = sum_s softmax_s(score_h(i, .)) c(s)
 
-The Q query positions are the last Q of the T cached positions; query i sees keys 0 .. T - Q + i, further
-restricted by ``key_mask``. A query row that may see no key at all returns zeros (never NaN).
+The Q query positions are the last Q of the T cached positions; query i sees keys 0 .. T - Q + i (only the last
+``window`` of them in a sliding-window layer), further restricted by ``key_mask``. A query row that may see no key
+at all returns zeros (never NaN). With ``softcap`` c the scaled scores become c * tanh(score / c) before the mask;
+the Triton kernel does not cap, so capped attention runs the reference.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def mla_decode_reference(
     k_rope: torch.Tensor,
     key_mask: torch.Tensor | None = None,
     scale: float = 1.0,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA attention in plain PyTorch, computed in float32 (float64 for float64 inputs).
 
@@ -92,10 +96,14 @@ def mla_decode_reference(
     if D > 0:
         scores = scores + torch.einsum("bhqd,btd->bhqt", q_rope.to(f), k_rope.to(f))
     scores = scores * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
 
     pos = torch.arange(T, device=latent.device)
     limit = T - Q + torch.arange(Q, device=latent.device)
     allowed = pos[None, :] <= limit[:, None]  # [Q, T] causal among the queries
+    if window is not None:
+        allowed = allowed & (pos[None, :] > limit[:, None] - window)
     allowed = allowed[None, None]
     if key_mask is not None:
         allowed = allowed & key_mask.to(device=latent.device, dtype=torch.bool)[:, None, None, :]
@@ -122,7 +130,7 @@ if _HAS_TRITON:
         s_mb,
         s_ob, s_os, s_or,
         s_eb, s_es,
-        T, HQ, tokens_per_split, qk_scale,
+        T, HQ, tokens_per_split, qk_scale, WINDOW,
         Q: tl.constexpr,
         R: tl.constexpr,
         D: tl.constexpr,
@@ -131,6 +139,7 @@ if _HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
         WRITE_LSE: tl.constexpr,
     ):
         """One program: a block of (head, query) rows of one sequence over one split of its keys.
@@ -192,6 +201,8 @@ if _HAS_TRITON:
             qk = qk * qk_scale  # log2 domain
 
             allowed = t_ok[None, :] & (offs_t[None, :] <= limit[:, None])
+            if HAS_WINDOW:
+                allowed = allowed & (offs_t[None, :] > limit[:, None] - WINDOW)
             if HAS_MASK:
                 km = tl.load(MASK + b * s_mb + offs_t, mask=t_ok, other=0)
                 allowed = allowed & (km != 0)[None, :]
@@ -307,6 +318,7 @@ def _mla_decode_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     block_h: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """The Triton split-K kernel; the tuning arguments override the built-in heuristics.
 
@@ -369,10 +381,11 @@ def _mla_decode_triton(
                     s_mb,
                     s_ob, s_os, s_or,
                     s_eb, s_es,
-                    T, HQ, tokens_per_split, float(scale) * _LOG2E,
+                    T, HQ, tokens_per_split, float(scale) * _LOG2E, int(window or 0),
                     Q=Q, R=R, D=D,
                     BLOCK_H=block_h, BLOCK_T=cand_t, BLOCK_R=block_r, BLOCK_D=block_d,
                     HAS_MASK=key_mask is not None,
+                    HAS_WINDOW=window is not None,
                     WRITE_LSE=not direct,
                     num_warps=num_warps,
                     num_stages=cand_stages,
@@ -382,7 +395,7 @@ def _mla_decode_triton(
         _FITTING_CONFIG[key] = (cand_t, cand_stages)
         break
     else:
-        return mla_decode_reference(q_lat, q_rope, latent, k_rope, key_mask, scale)
+        return mla_decode_reference(q_lat, q_rope, latent, k_rope, key_mask, scale, window=window)
 
     if not direct:
         # enough programs for two per SM, each reading up to 4096 partial values per step
@@ -424,6 +437,8 @@ def mla_decode_attention(
     k_rope: torch.Tensor,
     key_mask: torch.Tensor | None = None,
     scale: float = 1.0,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA attention of Q new queries over T cached keys (the queries are the last Q keys).
 
@@ -434,13 +449,16 @@ def mla_decode_attention(
         k_rope: [B, T, D] cached rotated shared RoPE key.
         key_mask: [B, T] bool, True where a key may be attended, or None.
         scale: softmax scale.
+        softcap: c of the score capping c * tanh(score / c), or None.
+        window: sliding window (each query sees its last ``window`` keys), or None.
 
     Returns:
         o_lat [B, H, Q, R] in the dtype of ``q_lat`` (float32 accumulation). Rows that may attend no key
         are zeros.
 
-    Runs the Triton kernel for CUDA bf16/fp16 inputs with Q <= 16 and R <= 512, else the PyTorch reference.
+    Runs the Triton kernel for CUDA bf16/fp16 inputs with Q <= 16 and R <= 512 and no soft-capping, else the
+    PyTorch reference.
     """
-    if _use_triton(q_lat, q_rope, latent, k_rope):
-        return _mla_decode_triton(q_lat, q_rope, latent, k_rope, key_mask, scale)
-    return mla_decode_reference(q_lat, q_rope, latent, k_rope, key_mask, scale)
+    if softcap is None and _use_triton(q_lat, q_rope, latent, k_rope):
+        return _mla_decode_triton(q_lat, q_rope, latent, k_rope, key_mask, scale, window=window)
+    return mla_decode_reference(q_lat, q_rope, latent, k_rope, key_mask, scale, softcap, window)

@@ -6,9 +6,13 @@ form through SDPA; decoding runs the absorbed form (DeepSeek-V2, appendix C): th
 to the query, attention is computed directly against the cached latent, and the value up-projection is applied
 to the attended latent before `o_proj`.
 
-With `qk_norm` (sources with per-head RMSNorm on q and k, e.g. Qwen3) q_proj reads the normalised query
-q_norm(pre_q_proj(x)) and kv_a_proj the normalised key and the value [k_norm(pre_k_proj(x)); pre_v_proj(x)]
-instead of x; the cache and everything after the projections are the same.
+With `qk_norm` (sources with an RMSNorm on q and k before RoPE, per head or over all heads) q_proj reads the
+normalised query q_norm(pre_q_proj(x)) and kv_a_proj the normalised key and the value
+[k_norm(pre_k_proj(x)); pre_v_proj(x)] instead of x; the cache and everything after the projections are the same.
+
+Sliding-window layers (`layer_types`, `sliding_window`) mask every query to its last `sliding_window` keys; their
+cache keeps every token (the mask, not the cache, enforces the window). Score soft-capping c * tanh(s / c) runs
+in the explicit softmax path (SDPA and the decode kernel have none).
 
 By default the cache is a `LatentCache` (cache_transmla.py): per layer, preallocated buffers written in place, holding
 the latent as "keys" [B, 1, T, R] and the rotated shared key as "values" [B, 1, T, D].
@@ -45,18 +49,41 @@ ABSORB_MAX_QUERY = 16
 
 
 class TransMLARMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    """RMSNorm times (offset + weight): offset 0 as in Llama, 1 as in Gemma (whose weights are stored minus one)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset))
         self.variance_epsilon = eps
+        self.offset = offset
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # normalised in float32 at least; with a weight of the input's dtype one fused kernel applies the
         # weight before the single rounding (Llama rounds, then multiplies: the same up to one rounding)
         shape = (hidden_states.shape[-1],)
+        if self.offset:  # as Gemma: (offset + w) in float32 times the float32 norm, rounded once
+            normed = F.rms_norm(hidden_states.float(), shape, eps=self.variance_epsilon)
+            return (normed * (self.offset + self.weight.float())).to(hidden_states.dtype)
         if self.weight.dtype == hidden_states.dtype:
             return F.rms_norm(hidden_states, shape, self.weight, eps=self.variance_epsilon)
         return self.weight * F.rms_norm(hidden_states, shape, eps=self.variance_epsilon)
+
+
+def rms_norm(config: TransMLAConfig, width: int) -> TransMLARMSNorm:
+    """An RMSNorm of the config's variant (eps and offset)."""
+    return TransMLARMSNorm(width, eps=config.rms_norm_eps, offset=config.rms_norm_offset)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap), or x when cap is None."""
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+def scale_embeddings(embeddings: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """Token embeddings times the config's `embedding_multiplier`, rounded to their dtype first as the source does."""
+    if multiplier == 1.0:
+        return embeddings
+    return embeddings * torch.tensor(multiplier, dtype=embeddings.dtype, device=embeddings.device)
 
 
 class TransMLAMLP(nn.Module):
@@ -151,18 +178,22 @@ class TransMLAAttention(nn.Module):
         self.head_dim = config.head_dim
         self.rope_dim = config.qk_rope_head_dim
         self.kv_lora_rank = config.kv_lora_rank[layer_idx]
-        self.scaling = self.head_dim**-0.5
+        self.scaling = self.head_dim**-0.5 if config.attention_scale is None else config.attention_scale
+        self.softcap = config.attn_logit_softcapping
+        self.sliding_window = config.layer_window(layer_idx)
         self.attention_form = "auto"
         h = config.hidden_size
         self.qk_norm = config.qk_norm
+        self.qk_norm_per_head = config.qk_norm_per_head
         q_in, kv_in = h, h
         if self.qk_norm:
             q_in, kv_in = self.num_heads * self.head_dim, 2 * self.num_groups * self.head_dim
             self.pre_q_proj = nn.Linear(h, q_in, bias=config.pre_proj_bias)
             self.pre_k_proj = nn.Linear(h, kv_in // 2, bias=config.pre_proj_bias)
             self.pre_v_proj = nn.Linear(h, kv_in // 2, bias=config.pre_proj_bias)
-            self.q_norm = TransMLARMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = TransMLARMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            norm_q, norm_k = (self.head_dim, self.head_dim) if self.qk_norm_per_head else (q_in, kv_in // 2)
+            self.q_norm = rms_norm(config, norm_q)
+            self.k_norm = rms_norm(config, norm_k)
         self.q_proj = nn.Linear(q_in, self.num_heads * (self.head_dim + self.rope_dim), bias=config.attention_bias)
         self.kv_a_proj = nn.Linear(kv_in, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_groups * 2 * self.head_dim, bias=False)
@@ -171,13 +202,16 @@ class TransMLAAttention(nn.Module):
         self._per_head: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def projection_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inputs of q_proj and kv_a_proj: x itself, or with qk_norm the per-head normalised query, and the
-        per-head normalised key next to the value."""
+        """The inputs of q_proj and kv_a_proj: x itself, or with qk_norm the normalised query, and the normalised
+        key next to the value (normalised per head, or over all heads at once)."""
         if not self.qk_norm:
             return x, x
-        heads = lambda y: y.unflatten(-1, (-1, self.head_dim))  # noqa: E731
-        q = self.q_norm(heads(self.pre_q_proj(x))).flatten(-2)
-        k = self.k_norm(heads(self.pre_k_proj(x))).flatten(-2)
+        if self.qk_norm_per_head:
+            heads = lambda y: y.unflatten(-1, (-1, self.head_dim))  # noqa: E731
+            q = self.q_norm(heads(self.pre_q_proj(x))).flatten(-2)
+            k = self.k_norm(heads(self.pre_k_proj(x))).flatten(-2)
+        else:
+            q, k = self.q_norm(self.pre_q_proj(x)), self.k_norm(self.pre_k_proj(x))
         return q, torch.cat((k, self.pre_v_proj(x)), dim=-1)
 
     def project(
@@ -223,17 +257,19 @@ class TransMLAAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim))
 
     def attention_weights(
-        self, hidden_states: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+        self, hidden_states: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weights [B, H, Q, Q] of the expanded form over these tokens alone, under the additive `mask`
-        [Q, Q], and their latent [B, Q, R]: for analysing a converted layer (no cache)."""
+        """The causal weights [B, H, Q, Q] of the expanded form over these tokens alone, and their latent
+        [B, Q, R]: for analysing a converted layer (no cache)."""
         q_nope, q_rope, latent, k_rope = self.project(hidden_states, position_ids)
         bsz, length, _ = latent.shape
         k_nope = self.kv_b_proj(latent).view(bsz, length, self.num_groups, 2 * self.head_dim)[..., : self.head_dim]
         grouped = q_nope.reshape(bsz, self.num_groups, -1, self.head_dim)  # heads of a group share its keys
         scores = (grouped @ k_nope.permute(0, 2, 3, 1)).view(bsz, self.num_heads, length, length)
         scores.add_(q_rope @ k_rope[:, None].transpose(-1, -2))  # the rotary key is one, shared by all heads
-        return scores.mul_(self.scaling).add_(mask).softmax(-1), latent
+        allowed = visible_keys(length, length, self.sliding_window, scores.device)
+        scores = softcap(scores.mul_(self.scaling), self.softcap).masked_fill_(~allowed, float("-inf"))
+        return scores.softmax(-1), latent
 
     def _use_absorbed(self, q_len: int, kv_len: int) -> bool:
         if self.attention_form == "auto":
@@ -282,10 +318,24 @@ class TransMLAAttention(nn.Module):
         if groups > 1:
             key = key.repeat_interleave(groups, dim=1)
             value = value.repeat_interleave(groups, dim=1)
+        if attention_mask is None and self.sliding_window is not None and kv_len > self.sliding_window:
+            attention_mask = visible_keys(query.shape[2], kv_len, self.sliding_window, query.device)  # causal, windowed
+        if self.softcap is not None:
+            return self._capped_attention(query, key, value, attention_mask)
         causal = attention_mask is None and query.shape[2] > 1
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, is_causal=causal, scale=self.scaling
         )
+
+    def _capped_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Softmax attention with capped scores, under a boolean mask (None: causal)."""
+        scores = softcap((query @ key.transpose(-1, -2)) * self.scaling, self.softcap)
+        if attention_mask is None:
+            attention_mask = visible_keys(query.shape[2], key.shape[2], None, query.device)
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+        return scores.float().softmax(-1).to(value.dtype) @ value
 
     def _absorbed(
         self,
@@ -302,25 +352,49 @@ class TransMLAAttention(nn.Module):
             heads = self.num_heads
             q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(heads, bsz * q_len, self.head_dim), w_uk)
             q_lat = q_lat.view(heads, bsz, q_len, -1).transpose(0, 1)
-            o_lat = mla_decode_attention(q_lat, q_rope, latent, k_rope, key_mask=key_mask, scale=self.scaling)
+            o_lat = self._decode(q_lat, q_rope, latent, k_rope, key_mask)
             out = torch.bmm(o_lat.transpose(0, 1).reshape(heads, bsz * q_len, -1), w_uv.transpose(1, 2))
             return out.view(heads, bsz, q_len, self.head_dim).transpose(0, 1)
         w_uk, w_uv = self._up_projections()
         grouped = q_nope.reshape(bsz, self.num_groups, -1, q_len, self.head_dim)
         # q_lat_h = W_UK_g^T q_nope_h: scores against the latent equal those against the expanded keys.
         q_lat = torch.einsum("bgjqd,gdr->bgjqr", grouped, w_uk).reshape(bsz, self.num_heads, q_len, -1)
-        o_lat = mla_decode_attention(q_lat, q_rope, latent, k_rope, key_mask=key_mask, scale=self.scaling)
+        o_lat = self._decode(q_lat, q_rope, latent, k_rope, key_mask)
         o_lat = o_lat.reshape(bsz, self.num_groups, -1, q_len, self.kv_lora_rank)
         return torch.einsum("bgjqr,gdr->bgjqd", o_lat, w_uv).reshape(bsz, self.num_heads, q_len, self.head_dim)
 
+    def _decode(self, q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+                key_mask: torch.Tensor | None) -> torch.Tensor:
+        return mla_decode_attention(q_lat, q_rope, latent, k_rope, key_mask=key_mask, scale=self.scaling,
+                                    softcap=self.softcap, window=self.sliding_window)
+
 
 class TransMLADecoderLayer(GradientCheckpointingLayer):
+    """Attention and MLP with residuals; where the norms sit follows `config.norm_placement`:
+
+    pre:          h += attn(input_layernorm(h));                       h += mlp(post_attention_layernorm(h))
+    pre_and_post: h += post_attention_layernorm(attn(input_layernorm(h)))
+                  h += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))
+    post:         h += post_attention_layernorm(attn(h));              h += post_feedforward_layernorm(mlp(h))
+    """
+
     def __init__(self, config: TransMLAConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = TransMLAAttention(config, layer_idx)
         self.mlp = TransMLAMLP(config)
-        self.input_layernorm = TransMLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = TransMLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.placement = config.norm_placement
+        h = config.hidden_size
+        if self.placement != "post":
+            self.input_layernorm = rms_norm(config, h)
+        self.post_attention_layernorm = rms_norm(config, h)
+        if self.placement == "pre_and_post":
+            self.pre_feedforward_layernorm = rms_norm(config, h)
+        if self.placement != "pre":
+            self.post_feedforward_layernorm = rms_norm(config, h)
+
+    def attention_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What the attention reads: the normalised hidden state, or the hidden state itself (post-norms only)."""
+        return hidden_states if self.placement == "post" else self.input_layernorm(hidden_states)
 
     def forward(
         self,
@@ -331,12 +405,15 @@ class TransMLADecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         rope: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states = self.self_attn(
-            self.input_layernorm(hidden_states), position_ids, attention_mask, key_mask, cache, rope
+        attended = self.self_attn(
+            self.attention_input(hidden_states), position_ids, attention_mask, key_mask, cache, rope
         )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        if self.placement == "pre":
+            hidden_states = hidden_states + attended
+            return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + self.post_attention_layernorm(attended)
+        mlp_input = self.pre_feedforward_layernorm(hidden_states) if self.placement == "pre_and_post" else hidden_states
+        return hidden_states + self.post_feedforward_layernorm(self.mlp(mlp_input))
 
 
 class TransMLAPreTrainedModel(PreTrainedModel):
@@ -356,15 +433,27 @@ class TransMLAPreTrainedModel(PreTrainedModel):
                 module.attention_form = form
 
 
+def visible_keys(q_len: int, kv_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[Q, T] booleans: query i (position T - Q + i) sees key s when s <= its position, and with a sliding window
+    when s > its position - window."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    return allowed if window is None else allowed & (k_pos > q_pos - window)
+
+
 def build_masks(
-    attention_mask: torch.Tensor | None, bsz: int, q_len: int, kv_len: int, device: torch.device
+    attention_mask: torch.Tensor | None, bsz: int, q_len: int, kv_len: int, device: torch.device,
+    window: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Boolean [B, 1, Q, T] mask for SDPA (causal and padding) and the [B, T] key mask for absorbed decode.
+    """Boolean [B, 1, Q, T] mask for SDPA (causal, sliding window and padding) and the [B, T] key mask for
+    absorbed decode.
 
     Queries are the last Q of the T positions. Without padding the SDPA mask is None where SDPA's own causal
-    mode (Q == T) or no mask at all (Q == 1) says the same. Every query may always see itself, so that padded
-    query rows stay finite; real queries never see padded keys. While decoding (a few queries against a longer
-    cache) the mask is passed on unchecked, so that no step waits for the device to say whether it has padding.
+    mode (Q == T) or no mask at all (Q == 1) says the same (and no window cuts anything off). Every query may
+    always see itself, so that padded query rows stay finite; real queries never see padded keys. While decoding
+    (a few queries against a longer cache) the mask is passed on unchecked, so that no step waits for the device
+    to say whether it has padding.
     """
     key_mask = None
     if attention_mask is not None:
@@ -372,14 +461,14 @@ def build_masks(
         decoding = q_len <= ABSORB_MAX_QUERY and kv_len > q_len
         if decoding or not bool(mask.all()):
             key_mask = mask.to(device=device, dtype=torch.bool)
-    if key_mask is None and (q_len == kv_len or q_len == 1):
+    if window is not None and window >= kv_len:
+        window = None  # the window holds every key
+    if key_mask is None and window is None and (q_len == kv_len or q_len == 1):
         return None, None
-    past = kv_len - q_len
-    q_pos = torch.arange(past, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    allowed = (k_pos <= q_pos)[None, None].expand(bsz, 1, q_len, kv_len)
+    allowed = visible_keys(q_len, kv_len, window, device)[None, None].expand(bsz, 1, q_len, kv_len)
     if key_mask is not None:
-        allowed = (allowed & key_mask[:, None, None, :]) | (k_pos == q_pos)[None, None]
+        itself = torch.arange(kv_len - q_len, kv_len, device=device)[:, None] == torch.arange(kv_len, device=device)
+        allowed = (allowed & key_mask[:, None, None, :]) | itself[None, None]
     return allowed, key_mask
 
 
@@ -389,7 +478,7 @@ class TransMLAModel(TransMLAPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(TransMLADecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = TransMLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = rms_norm(config, config.hidden_size)
         self.rope = RopeTable(config.rope_inv_freq, config.rope_attention_scaling)
         self.gradient_checkpointing = False
         self.post_init()
@@ -409,7 +498,7 @@ class TransMLAModel(TransMLAPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = scale_embeddings(self.embed_tokens(input_ids), self.config.embedding_multiplier)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:
             cache = LatentCache(config=self.config)
@@ -419,11 +508,13 @@ class TransMLAModel(TransMLAPreTrainedModel):
             position_ids = torch.arange(past, past + q_len, device=inputs_embeds.device)[None].expand(bsz, -1)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("TransMLA models take a 2D [batch, length] attention_mask")
-        mask, key_mask = build_masks(attention_mask, bsz, q_len, past + q_len, inputs_embeds.device)
+        masks = {window: build_masks(attention_mask, bsz, q_len, past + q_len, inputs_embeds.device, window)
+                 for window in {layer.self_attn.sliding_window for layer in self.layers}}
 
         rope = self.rope.for_layers(position_ids, inputs_embeds.dtype)
         hidden_states = inputs_embeds
         for layer, layer_rope in zip(self.layers, rope):
+            mask, key_mask = masks[layer.self_attn.sliding_window]
             hidden_states = layer(hidden_states, position_ids, mask, key_mask, cache, layer_rope)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache if use_cache else None})
@@ -462,7 +553,7 @@ class TransMLAForCausalLM(TransMLAPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = softcap(self.lm_head(hidden_states[:, keep, :]), self.config.final_logit_softcapping)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
