@@ -68,7 +68,7 @@ class Row:
 
 
 CLOSED = {"refine_steps": 0}
-BY_HAND = {0.75: (48, 64, 96, 128), 0.5: (32, 48, 64), 0.375: (32, 48, 64), 0.25: (16, 32, 48), 0.125: (16, 32)}
+BY_HAND = {0.75: (64, 96, 128), 0.5: (32, 48, 64), 0.375: (32, 48, 64), 0.25: (16, 32, 48), 0.125: (16, 32)}
 SEED_SPLIT = {0.5: 48, 0.25: 32}  # the rotary width of the calibration-seed rows (the default's split at each)
 PUBLISHED_CALIB = {"calib_samples": 64}  # the baselines' calibration, as first measured
 ROWS = {

@@ -67,3 +67,18 @@ def test_default_conversion_with_no_flags(tmp_path, original):
     at half the cache on a GPU (benchmarks/results/generalize/generalize.md); the margin allows for four times that."""
     windows, base = original
     assert ratio(tmp_path, windows, base) < 1.10 * 1.604
+
+
+def test_sampling_draws_the_same_tokens_on_one_thread_and_on_all(monkeypatch):
+    """Sampling takes every core only when the machine is idle: the tokens must not depend on it."""
+    import torch
+
+    import transmla.data.sampling as sampling
+    from transmla.io.source import open_source
+
+    model = open_source("smollm2-135m").load_model(sampling.SAMPLE_DTYPE, "cpu")
+    draws = []
+    for threads in (1, 2):
+        monkeypatch.setattr(sampling, "cpu_sampling_threads", lambda threads=threads: threads)
+        draws.append(sampling.sample_windows(model, 8, 96, seed=5, rows=8))
+    assert torch.equal(draws[0], draws[1])

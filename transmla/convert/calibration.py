@@ -13,6 +13,7 @@ norm, the pre-features of q/k-normed layers, the converted layer) is the shipped
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from .model_config import build_config, shared_scaling
 from .statistics import LayerStats
 from .whiten import spd_solve
 
+HEADS_CACHE_BYTES = 1 << 30  # source head outputs kept per layer for the candidate fits that reread them
 REFIT_TOKENS = 8192  # calibration tokens (queries) that the least-squares value refit uses
 Rotary = list[tuple[torch.Tensor, float]]  # per layer: the source's inverse frequencies and cos/sin scaling
 
@@ -41,6 +43,36 @@ def source_mask(length: int, window: int | None, device: Any) -> torch.Tensor:
     if window is not None:
         allowed &= position[None, :] > position[:, None] - window
     return torch.zeros(length, length, device=device).masked_fill_(~allowed, float("-inf"))[None, None]
+
+
+def probability_gram(stacked: torch.Tensor) -> torch.Tensor:
+    """P^T P [B, T, T] of attention probabilities stacked over heads [B, H*T, T], float32. On a CPU the product
+    (the largest of a layer's statistics) runs in bfloat16 on the matrix units, with float32 sums: probabilities
+    lie in [0, 1], so the rounding is relative and about 2^-9 per factor."""
+    if stacked.device.type == "cpu":
+        low = stacked.to(torch.bfloat16)
+        return (low.transpose(1, 2) @ low).float()
+    return stacked.transpose(1, 2) @ stacked
+
+
+@contextmanager
+def cpu_bf16_mlp(mlp: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """On a CPU, run `mlp` (the bulk of carrying hidden states to the next layer) under bfloat16 autocast, which
+    the CPU's matrix units run several times faster than float32; its output is float32 again. Elsewhere as is."""
+    if device.type != "cpu":
+        yield
+        return
+    forward = mlp.forward
+
+    def fast(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(x).float()
+
+    mlp.forward = fast
+    try:
+        yield
+    finally:
+        del mlp.forward  # the class's forward again
 
 
 class LayerwiseRunner:
@@ -73,6 +105,7 @@ class LayerwiseRunner:
         self._cos_sin: dict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._source: tuple[int, torch.nn.Module] | None = None
         self._shells: dict[tuple[int, bool], TransMLADecoderLayer] = {}
+        self._heads: tuple[int, dict[tuple[int, int], torch.Tensor], int] = (-1, {}, 0)
         # The value refit solves (R+1)-wide least squares per group: REFIT_TOKENS queries are ample.
         self.refit_samples = max(1, min(self.samples, REFIT_TOKENS // self.length))
 
@@ -146,10 +179,30 @@ class LayerwiseRunner:
             hook.remove()
         return probs, heads[0]
 
-    def source_output(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The source attention's output after o_proj, without o_proj's own bias."""
-        _, heads = self.source_attention(layer, x)
+    def source_output(self, layer: int, x: torch.Tensor, part: slice | None = None) -> torch.Tensor:
+        """The source attention's output after o_proj, without o_proj's own bias (`part`: see `source_heads`)."""
+        heads = self.source_heads(layer, x, part) if part is not None else self.source_attention(layer, x)[1]
         return F.linear(heads, self.source_layer(layer).self_attn.o_proj.weight)
+
+    def source_heads(self, layer: int, x: torch.Tensor, part: slice, probs: bool = False) -> Any:
+        """The per-head outputs of `source_attention` for the calibration sequences `part` whose attention input
+        is x, kept while layer l's inputs stay as they are (every candidate fit of a layer reads the same ones);
+        with `probs`, (probabilities, heads), computed afresh."""
+        key = (part.start, part.stop)
+        if self._heads[0] != layer:
+            self._heads = (layer, {}, 0)
+        cached = self._heads[1].get(key)
+        if cached is not None and not probs:
+            return cached
+        weights, heads = self.source_attention(layer, x)
+        if self._heads[2] + heads.numel() * heads.element_size() <= HEADS_CACHE_BYTES:
+            self._heads[1][key] = heads
+            self._heads = (layer, self._heads[1], self._heads[2] + heads.numel() * heads.element_size())
+        return (weights, heads) if probs else heads
+
+    def forget_heads(self) -> None:
+        """Drop the kept head outputs (the hidden states they were computed from change)."""
+        self._heads = (-1, {}, 0)
 
     def chunks(self, layer: int, rows: range | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
         """(sample slice, attention input x [B, T, h]) over the calibration sequences `rows` (all)."""
@@ -177,8 +230,8 @@ class LayerwiseRunner:
         cs = torch.cat([cos[:, :half], sin[:, :half]], dim=-1) / self.scaling  # [T, 2F]: cos, sin of s*theta
         cos_t, sin_t = cs[:, :half], cs[:, half:]
         count = 0
-        for _, x in self.chunks(layer, rows):
-            probs, _ = self.source_attention(layer, x)
+        for part, x in self.chunks(layer, rows):
+            probs, _ = self.source_heads(layer, x, part, probs=True)
             x = self.features(layer, src, x)  # the pre-features z when the layer has q/k norms
             bsz, length = x.shape[:2]
             flat = x.reshape(-1, h)
@@ -189,7 +242,7 @@ class LayerwiseRunner:
             rot[..., 0] += (cos_t * ac + sin_t * asn).sum(dim=(0, 2)).to(f64)
             rot[..., 1] += (sin_t * ac - cos_t * asn).sum(dim=(0, 2)).to(f64)
             stacked = probs.reshape(bsz, heads * length, length)
-            gram = stacked.transpose(1, 2) @ stacked  # [B, T, T]: sum_h P_h^T P_h
+            gram = probability_gram(stacked)  # [B, T, T]: sum_h P_h^T P_h
             vsecond += (flat.T @ (gram @ x).reshape(-1, h)).to(f64)
             vmean += torch.einsum("bhs,bsx->hx", probs.sum(2), x).to(f64)  # sum_t xbar_h(t), per head
             count += flat.shape[0]
@@ -200,6 +253,7 @@ class LayerwiseRunner:
     def advance(self, layer: int, attention: dict[str, torch.Tensor], rank: int, rope_inv_freq: list[float]) -> None:
         """Run the converted layer l (new attention tensors + the source's norms and MLP) on the hidden states."""
         module = self.converted_layer(layer, attention, rank, rope_inv_freq)
+        self.forget_heads()
         for rows, _ in self.chunks(layer):
             self.hidden[rows] = self._run(module, self.hidden[rows].to(self.device)).to(self.hidden.device)
 
@@ -211,8 +265,8 @@ class LayerwiseRunner:
         the current inputs of the calibration sequences `rows` (all): the layer's local calibration loss."""
         module = self.converted_layer(layer, attention, rank, rope_inv_freq).self_attn
         total, count = 0.0, 0
-        for _, x in self.chunks(layer, rows):
-            ref = self.source_output(layer, x)
+        for part, x in self.chunks(layer, rows):
+            ref = self.source_output(layer, x, part)
             bsz, length, _ = x.shape
             mask, key_mask = build_masks(None, bsz, length, length, self.device)
             got = module(x, self.positions.expand(bsz, -1), mask, key_mask, None)
@@ -225,13 +279,14 @@ class LayerwiseRunner:
     @torch.no_grad()
     def refit_values(self, layer: int, src: SourceAttention, attention: dict[str, torch.Tensor], rank: int,
                      rope_inv_freq: list[float], bias: bool = True, rows: range | None = None,
-                     rel: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     rel: float = 1e-6, tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Least-squares value up-projection under the converted layer's own attention weights.
 
         Head h of group g outputs A_g cbar_h + b_g with cbar_h = sum_s phat_h(t, s) c_s (phat: the converted
         scores); A_g, b_g minimise sum_{h in g} w_h |A_g cbar_h + b_g - o_h|^2 against the source head outputs
         o_h, w_h = |W_o,h|_F^2 / d. Returns W_UV [G*d, R] and the o_proj bias sum_h W_o,h b_g(h) (with `bias`
-        off, b_g = 0 and None). `rows`: the calibration sequences used (default: the first REFIT_TOKENS tokens).
+        off, b_g = 0 and None). `rows`: the calibration sequences used, at most `tokens` tokens of them (default:
+        REFIT_TOKENS).
         """
         d, heads, groups = src.head_dim, src.heads, src.groups
         gh = src.group_of_head.to(self.device)
@@ -241,9 +296,10 @@ class LayerwiseRunner:
         gram = torch.zeros(groups, width, width, dtype=torch.float64, device=self.device)
         cross = torch.zeros(groups, d, width, dtype=torch.float64, device=self.device)
         module = self.converted_layer(layer, attention, rank, rope_inv_freq).self_attn
-        rows = range(self.refit_samples) if rows is None else range(rows.start, min(rows.stop, rows.start + self.refit_samples))
-        for _, x in self.chunks(layer, rows):
-            _, out = self.source_attention(layer, x)
+        limit = self.refit_samples if tokens is None else max(1, min(self.samples, tokens // self.length))
+        rows = range(limit) if rows is None else range(rows.start, min(rows.stop, rows.start + limit))
+        for part, x in self.chunks(layer, rows):
+            out = self.source_heads(layer, x, part)
             probs, latent = module.attention_weights(x, self.positions.expand(x.shape[0], -1))
             cbar = probs @ latent[:, None]  # [B, H, T, R]
             if bias:
@@ -267,12 +323,26 @@ class LayerwiseRunner:
         """Run the source's own layer l on the hidden states (for a pass that only measures), or with `tracked` on
         the source model's own hidden states that a converting pass carries beside its converted ones."""
         buffer = self.source_hidden if tracked else self.hidden
+        if not tracked:
+            self.forget_heads()
         module = self.source_layer(layer)
-        for start in range(0, self.samples, self.batch):
-            rows = slice(start, min(start + self.batch, self.samples))
-            hidden = buffer[rows].to(self.device)
-            hidden = module(hidden, position_ids=self.positions, **self.source_inputs(layer, hidden))
-            buffer[rows] = hidden.to(buffer.device)
+        config = module.self_attn.config
+        # No probabilities are needed here: on a CPU PyTorch's fused attention, where the family's scores need no capping
+        cpu = self.device.type == "cpu"
+        fused = "sdpa" if cpu and not self.family.attention_softcap(self.config) else config._attn_implementation
+        eager, config._attn_implementation = config._attn_implementation, fused
+        try:
+            for start in range(0, self.samples, self.batch):
+                rows = slice(start, min(start + self.batch, self.samples))
+                hidden = buffer[rows].to(self.device)
+                inputs = self.source_inputs(layer, hidden)
+                if fused == "sdpa" and self.windows[layer] is None:
+                    inputs["attention_mask"] = None  # causal, without a mask to read
+                with cpu_bf16_mlp(module.mlp, self.device):
+                    hidden = module(hidden, position_ids=self.positions, **inputs)
+                buffer[rows] = hidden.to(buffer.device)
+        finally:
+            config._attn_implementation = eager
 
     def residual_energy(self) -> float:
         """Mean squared norm of the hidden states entering the current layer."""
@@ -295,4 +365,5 @@ class LayerwiseRunner:
     def _run(self, module: Any, hidden: torch.Tensor) -> torch.Tensor:
         bsz, length, _ = hidden.shape
         mask, key_mask = build_masks(None, bsz, length, length, self.device)
-        return module(hidden, self.positions.expand(bsz, -1), mask, key_mask, None)
+        with cpu_bf16_mlp(module.mlp, self.device):
+            return module(hidden, self.positions.expand(bsz, -1), mask, key_mask, None)

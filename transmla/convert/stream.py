@@ -34,7 +34,12 @@ from .refine import RefineReport, RefineSettings, refine_layer
 from .statistics import LayerStats
 
 SPLIT_LAYERS = 8  # layers on which each candidate split is measured (evenly spaced)
-SPLIT_HELD_OUT = 0.25  # share of the calibration sequences that scores the candidates (the rest fits them)
+SPLIT_HELD_OUT = 0.25
+# On a CPU: queries of each candidate's value refit (the final fit reads REFIT_TOKENS), and candidates far behind
+# the lead dropped after a few measured layers.
+SPLIT_REFIT_TOKENS = 4096
+SPLIT_PRUNE_AFTER = 3  # measured layers after which candidates far behind the lead are dropped ...
+SPLIT_PRUNE_RATIO = 1.5  # ... those whose summed error is above this multiple of the least  # share of the calibration sequences that scores the candidates (the rest fits them)
 
 
 class LayerStream:
@@ -59,6 +64,7 @@ class LayerStream:
         self.refine_settings = RefineSettings(options.refine_steps or 0, options.refine_lr, options.refine_batch,
                                               options.calib_seed, target, options.refine_output)
         self.refined: list[RefineReport] = []
+        self.split_pruned: dict[int, int] = {}
 
     @property
     def calibrated(self) -> bool:
@@ -82,7 +88,10 @@ class LayerStream:
             recorded = {"score_weight": self.settings.score_weight, "refit_values": o.refit_values,
                         "output_bias": self.settings.output_bias}
             out |= {name: recorded[name] for name in method(o.method).records}
-        return out | sizes.summary()
+        out |= sizes.summary()
+        if self.split_pruned and "kv_budget_split" in out:  # candidates dropped early: after how many layers
+            out["kv_budget_split"]["dropped_after_layers"] = {str(d): n for d, n in self.split_pruned.items()}
+        return out
 
     def sizes(self) -> Sizes:
         """D and per-layer R: given, or chosen on the calibration loss proxy (one measuring pass)."""
@@ -135,14 +144,15 @@ class LayerStream:
         return layer, converted, freqs
 
     def _fit(self, runner: LayerwiseRunner | None, layer: int, src: SourceAttention, stats: LayerStats, rank: int,
-             rope_dim: int, rows: range | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+             rope_dim: int, rows: range | None = None,
+             refit_tokens: int | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
         """The closed-form conversion of one layer, its values refitted under its own attention (whiten) on the
         calibration sequences `rows`."""
         converted, freqs = self._convert(runner, layer, src, stats, rank, rope_dim)
         if runner is not None and method(self.options.method).refits_values and self.options.refit_values \
                 and rank < self._full_rank(rope_dim):
             up_value, bias = runner.refit_values(layer, src, converted, rank, freqs, bias=self.settings.output_bias,
-                                                 rows=rows)
+                                                 rows=rows, tokens=refit_tokens)
             converted = replace_values(converted, up_value, bias, self.geo.groups, self.geo.head_dim)
         return converted, freqs
 
@@ -158,28 +168,41 @@ class LayerStream:
         grid = split_grid(self.geo, values, self.geo.head_dim if self.options.rope_per_frequency else None)
         layers = set(measured_layers(self.geo.layers, SPLIT_LAYERS))
         scores: dict[int, float] = {}
+        pruned: dict[int, int] = {}  # candidates dropped, and after how many measured layers
+        on_cpu = self.device.type == "cpu"  # where the measurement costs minutes: fewer refit queries, pruning
         pending = list(grid)
         for round_ in range(2):
             runner = runner if round_ == 0 else self._runner()
+            measured = 0
             for layer in tqdm(range(self.geo.layers), desc=f"measuring splits ({', '.join(map(str, pending))})",
                               disable=not self.progress):
                 src, _ = self._read(layer)
-                if layer in layers:
+                if layer in layers and pending:
                     stats = runner.statistics(layer, src, fit).to(self.device)
                     for rope_dim in pending:
-                        converted, freqs = self._fit(runner, layer, src, stats, values - rope_dim, rope_dim, fit)
+                        converted, freqs = self._fit(runner, layer, src, stats, values - rope_dim, rope_dim, fit,
+                                                     SPLIT_REFIT_TOKENS if on_cpu else None)
                         error = runner.attention_error(layer, src, None, converted, values - rope_dim, freqs, measure)
                         scores[rope_dim] = scores.get(rope_dim, 0.0) + error
+                    measured += 1
+                    if on_cpu and round_ == 0 and measured >= SPLIT_PRUNE_AFTER:
+                        lead = min(scores[d] for d in pending)
+                        for d in [d for d in pending if scores[d] > SPLIT_PRUNE_RATIO * lead]:
+                            pending.remove(d)
+                            pruned[d] = measured
+                            del scores[d]
                 runner.advance_source(layer)
             best = min(scores, key=lambda d: (scores[d], -d))
-            pending = [d for d in midpoints(sorted(scores), best, grid[0]) if d not in scores]
+            pending = [d for d in midpoints(sorted([*scores, *pruned]), best, grid[0]) if d not in scores and d not in pruned]
             if not pending:
                 break
         best = min(scores, key=lambda d: (scores[d], -d))
         if self.progress:
             listed = ", ".join(f"D={d}: {scores[d]:.4g}" for d in sorted(scores))
+            dropped = f"; dropped early: {', '.join(f'D={d}' for d in sorted(pruned))}" if pruned else ""
             tqdm.write(f"split of {values} values per layer: D = {best}, R = {values - best} (held-out attention error "
-                       f"summed over {len(layers)} layers: {listed})")
+                       f"summed over {len(layers)} layers: {listed}{dropped})")
+        self.split_pruned = {d: pruned[d] for d in sorted(pruned)}
         return best, {d: scores[d] for d in sorted(scores)}
 
     def _runner(self, track_source: bool = False) -> LayerwiseRunner | None:
